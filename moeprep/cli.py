@@ -250,3 +250,7 @@ def demo(ctx: click.Context, out: Path, kind: str, as_json: bool) -> None:
     if not as_json:
         click.echo(f"next: moeprep probe {out / f'{name}-GGUF' / f'{name}-Q4_K_M.gguf'}")
 
+
+
+if __name__ == "__main__":
+    main()

@@ -10,11 +10,13 @@ import numpy as np
 def generate(path: Path, n: int = 8, prompt: bytes = b"The quick brown fox") -> list[int]:
     from llama_cpp import Llama
 
-    llm = Llama(str(path), n_ctx=128, n_threads=2, n_batch=64, verbose=False, seed=0)
+    llm = Llama(str(path), n_ctx=128, n_threads=2, n_batch=64, verbose=False, seed=0,
+                logits_all=True)  # so llama-cpp-python copies the logits out for the check below
     try:
         tokens = []
         for token in llm.generate(llm.tokenize(prompt), temp=0.0):
-            assert np.isfinite(llm.scores[llm.n_tokens - 1]).all(), f"{path.name}: non-finite logits"
+            logits = llm.scores[llm.n_tokens - 1]
+            assert np.isfinite(logits).all() and logits.any(), f"{path.name}: non-finite or empty logits"
             tokens.append(token)
             if len(tokens) == n:
                 break

@@ -94,7 +94,7 @@ def test_probe_json_output(converted_phimoe):
 
     result = CliRunner().invoke(main, ["probe", str(converted_phimoe / "tiny-phimoe-Q8_0.gguf"), "--json"])
     assert result.exit_code == 0
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["expert_count"] == 16
     assert data["layers"][0]["expert_bytes"] > 0
     assert {p["name"] for p in data["placements"]} == {"gpu", "cpu-moe", "n-cpu-moe=1", "n-cpu-moe=2"}
