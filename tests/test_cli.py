@@ -1,0 +1,81 @@
+"""The CLI surface: help with examples, download, quantize alone, demo, and the manifest file."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from moeprep import manifest as mf
+from moeprep.cli import main
+from tests.llm import generate
+
+
+def commands():
+    return sorted(main.commands)
+
+
+@pytest.mark.parametrize("name", commands())
+def test_cli_every_command_has_help_with_an_example(name):
+    result = CliRunner().invoke(main, [name, "--help"])
+    assert result.exit_code == 0
+    assert "Example:" in result.output and f"moeprep {name}" in result.output
+
+
+def test_cli_quantize_help_lists_llama_cpp_file_types():
+    out = CliRunner().invoke(main, ["quantize", "--help"]).output
+    for name in ("Q8_0", "Q4_K_M", "Q2_K", "IQ4_XS", "Q6_K", "BF16"):
+        assert name in out
+
+
+def test_cli_top_level_help_does_not_import_heavy_modules():
+    code = "import sys; from moeprep.cli import main; print(sorted(m for m in ('torch','llama_cpp','transformers','huggingface_hub') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_cli_download_verifies_and_prints_hashes(hub):
+    result = CliRunner().invoke(main, ["download", "some-org/tiny-mixtral", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    repo = hub.repos["some-org/tiny-mixtral"]
+    assert data["source"]["commit"] == repo.commit
+    assert {f["path"]: f["sha256"] for f in data["source"]["files"]} == {p: repo.sha256(p) for p in repo.files}
+
+
+def test_cli_download_pins_a_commit(hub):
+    repo = hub.repos["some-org/tiny-mixtral"]
+    result = CliRunner().invoke(main, ["download", "some-org/tiny-mixtral", "--revision", repo.commit, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["source"]["revision"] == repo.commit
+
+
+def test_cli_quantize_alone_records_in_the_manifest(converted_local, tmp_path):
+    out = tmp_path / "mixtral"
+    shutil.copytree(converted_local["mixtral"], out)  # the session's conversion stays as it was
+    result = CliRunner().invoke(main, ["quantize", str(out / "tiny-mixtral-F16.gguf"), "--quant", "q5_k_m", "--json"])
+    assert result.exit_code == 0, result.output
+    [made] = json.loads(result.stdout)
+    assert made["path"] == "tiny-mixtral-Q5_K_M.gguf" and made["quant"] == "Q5_K_M"
+    assert mf.load(out).artifact("Q5_K_M").sha256 == made["sha256"]
+    assert len(generate(out / "tiny-mixtral-Q5_K_M.gguf")) == 8
+
+
+def test_cli_demo_runs_the_main_job(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [a["quant"] for a in data["manifest"]["artifacts"]] == ["F16", "Q8_0", "Q4_K_M", "Q2_K"]
+    assert data["manifest"]["probe"]["expert_count"] == 16
+
+
+def test_cli_manifest_round_trips_and_rejects_other_formats(converted_phimoe, tmp_path):
+    m = mf.load(converted_phimoe)
+    mf.save(tmp_path, m)
+    assert mf.load(tmp_path).to_dict() | {"updated": ""} == m.to_dict() | {"updated": ""}
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    raw["format"] = "something-else/9"
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(mf.MoeprepError, match="unsupported manifest format"):
+        mf.load(tmp_path)
