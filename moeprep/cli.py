@@ -223,6 +223,147 @@ def _print_probe(report, all_n: bool) -> None:
 
 
 @main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--placement", "placements", multiple=True, metavar="gpu|cpu-moe|n-cpu-moe=N",
+              help="Placement to measure; repeat for more. [default: gpu and cpu-moe]")
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Timed runs after one warm-up.")
+@click.option("--ctx", type=click.IntRange(64), default=512, show_default=True, help="Context size.")
+@click.option("--tokens", "new_tokens", type=click.IntRange(2), default=32, show_default=True,
+              help="Tokens to generate per run.")
+@click.option("--threads", type=int, default=None, help="CPU threads. [default: llama-cpp-python's]")
+@click.option("--reference", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="F16 file for KL divergence. [default: the manifest's converted file]")
+@json_option
+def smoke(target, placements, runs, ctx, new_tokens, threads, reference, as_json) -> None:
+    """Load every GGUF with llama.cpp in each placement; measure speed, memory and quality.
+
+    TARGET is a GGUF file or an output directory with a manifest; results go into the manifest.
+    Placements: gpu (every layer offloaded), cpu-moe (llama.cpp's --cpu-moe: expert tensors in CPU
+    memory), n-cpu-moe=N (the experts of the first N blocks). Exit code 1 if any file fails.
+
+    \b
+    Example:
+      moeprep smoke Phi-3.5-MoE-instruct-GGUF --placement gpu --placement n-cpu-moe=8 --json
+    """
+    from . import smoke as stage
+
+    chosen = [stage.parse_placement(p) for p in placements] or None
+    report = stage.run(target, chosen, stage.Settings(runs=runs, ctx=ctx, new_tokens=new_tokens, threads=threads),
+                       reference, status)
+    emit(report, as_json, lambda: _print_smoke(report))
+    failed = {name: r["failures"] for name, r in report["artifacts"].items() if not r["ok"]}
+    if failed:
+        name, reasons = next(iter(failed.items()))
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        raise MoeprepError(f"smoke failed for {name}{more}: {reasons[0]}", "the full results are in the output above")
+
+
+def _fmt(s: dict | None, digits: int = 1) -> str:
+    if not s or s.get("mean") is None:
+        return "not measured"
+    return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f} (N={s['n']})"
+
+
+def _print_smoke(report: dict) -> None:
+    click.echo(f"backend {report['backend']}; {report['hardware']['cpu']}; NVML: {report['nvml']}")
+    for name, r in report["artifacts"].items():
+        q = r["quality"]
+        quality = f"KLD vs {q['reference']} {q['kld_mean']:.6f}, top-1 {q['top1_agreement']:.3f}" \
+            if q and q.get("finite") else "KLD not measured" if not q else "non-finite logits"
+        click.echo(f"{name}: {'ok' if r['ok'] else 'FAILED'}; {quality}")
+        for p in r["placements"].values():
+            vram = _fmt(p["vram_mib"]["peak_generation"], 0) + " MiB peak" if p["vram_mib"] else "VRAM not measured"
+            click.echo(f"  {p['placement']:<14} decode {_fmt(p['decode_tps'])} tok/s, TTFT {_fmt(p['ttft_s'], 4)} s, "
+                       f"prompt {_fmt(p['prompt_tps'])} tok/s, load {_fmt(p['load_s'], 3)} s; "
+                       f"{len(p['overridden'])} tensors overridden ({'= probe' if p['overrides_match_probe'] else 'MISMATCH'}); {vram}")
+        for failure in r["failures"]:
+            click.echo(f"  failure: {failure}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--ctx", type=click.IntRange(1), default=4096, show_default=True, help="Context size for the KV cache.")
+@click.option("--vram", help="GPU memory to fit, e.g. 24GiB; names the smallest --n-cpu-moe that fits.")
+@json_option
+def plan(file: Path, ctx: int, vram: str | None, as_json: bool) -> None:
+    """Predict GPU memory for each placement from the GGUF alone (no GPU needed).
+
+    Predictions are labelled as such; the compute buffer is not included. Where a GPU smoke of
+    this file is in its manifest, measured values are shown beside the prediction.
+
+    \b
+    Example:
+      moeprep plan Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-Q4_K_M.gguf --ctx 8192 --vram 24GiB
+    """
+    from . import manifest as mf
+    from .plan import parse_size, plan as predict
+
+    m = mf.load_or_none(file.parent) if file.is_file() else None
+    art = next((a for a in m.artifacts if a.path == file.name), None) if m else None
+    result = predict(file, ctx, parse_size(vram) if vram else None, m.smoke if m else None, art.sha256 if art else None)
+    emit(result, as_json, lambda: _print_plan(result))
+
+
+def _print_plan(r: dict) -> None:
+    from .files import human_bytes as hb
+
+    click.echo(f"{r['file']}: PREDICTED from the GGUF alone, ctx {r['ctx']}; compute buffer not included")
+    click.echo(f"KV cache {r['placements'][0]['kv_cache'] and hb(r['placements'][0]['kv_cache'])}: {r['kv_cache_method']}")
+    click.echo(f"token_embd ({hb(r['token_embd_on_cpu'])}) stays in host memory in every placement")
+    click.echo("placement        weights on GPU   + KV cache   predicted   measured (GPU model buffer)")
+    for p in r["placements"]:
+        measured = f"{hb(p['measured']['model'])} ({p['weights_error_pct']:+.1f} %)" if p.get("measured") else "no GPU smoke recorded"
+        fits = "" if p["fits"] is None else ("  fits" if p["fits"] else "  too big")
+        click.echo(f"  {p['placement']:<14} {hb(p['weights_on_gpu']):>14} {hb(p['kv_cache']):>12} {hb(p['predicted_total']):>11}   {measured}{fits}")
+    if r["vram"]:
+        click.echo(f"smallest placement predicted to fit {hb(r['vram'])}: {r['recommended'] or 'none'}")
+
+
+@main.command()
+@json_option
+def doctor(as_json: bool) -> None:
+    """Show what this machine can do: llama.cpp backends, GPUs, NVML, versions.
+
+    \b
+    Example:
+      moeprep doctor --json
+    """
+    from .gpu import hardware, nvml
+    from .libllama import devices
+    from .tools import gguf_origin, versions
+
+    source, nvml_status = nvml()
+    devs = devices()
+    data = {
+        "backends": sorted({d["name"].rstrip("0123456789") for d in devs}),
+        "devices": devs,
+        "nvml": nvml_status,
+        "hardware": hardware(source),
+        "tools": versions(),
+        "gguf": gguf_origin(),
+    }
+
+    def human():
+        from .files import human_bytes as hb
+
+        t = data["tools"]
+        click.echo(f"llama.cpp {t['llama_cpp_commit']} via llama-cpp-python {t['llama_cpp_python']}; "
+                   f"backends: {', '.join(data['backends'])}; GPU offload {'yes' if t['gpu_offload'] else 'no'}")
+        for d in devs:
+            click.echo(f"  {d['name']}: {d['description']} ({d['type']}), {hb(d['memory_total'])} total, {hb(d['memory_free'])} free")
+        click.echo(f"NVML: {nvml_status}")
+        for g in data["hardware"]["gpus"]:
+            click.echo(f"  GPU {g['index']}: {g['name']}, {g['memory_total_mib']:.0f} MiB, driver {g['driver']}, CUDA {g['cuda']}")
+        click.echo(f"CPU: {data['hardware']['cpu']} ({data['hardware']['cpu_cores']} cores), RAM {data['hardware']['ram_gib']} GiB")
+        click.echo("versions: " + ", ".join(f"{k} {v}" for k, v in t.items()))
+        g = data["gguf"]
+        click.echo(f"gguf module: {g['distribution']} {g['version']}, {g['files_checked']} files checked, "
+                   f"{len(g['files_changed'])} changed")
+
+    emit(data, as_json, human)
+
+
+@main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo"), show_default=True,
               help="Where the tiny model and its GGUFs go.")
 @click.option("--kind", type=click.Choice(["phimoe", "mixtral", "llama"]), default="phimoe", show_default=True)

@@ -63,3 +63,80 @@ def file_types() -> dict[str, int]:
             types[name.removeprefix("LLAMA_FTYPE_MOSTLY_")] = getattr(llama_cpp, name)
     types["F32"] = llama_cpp.LLAMA_FTYPE_ALL_F32
     return dict(sorted(types.items(), key=lambda kv: kv[1]))
+
+
+class BuftOverride(ctypes.Structure):
+    """llama.h's `struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; }`."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def cpu_buffer_type() -> int:
+    fn = _lib().ggml_backend_cpu_buffer_type
+    fn.restype, fn.argtypes = ctypes.c_void_p, []
+    return fn()
+
+
+def override_array(patterns: list[str]):
+    """A NULL-terminated override array sending every tensor matching a pattern to the CPU buffer type,
+    as llama.cpp's --cpu-moe / --n-cpu-moe do. The caller keeps it alive as long as the model."""
+    cpu = cpu_buffer_type()
+    array = (BuftOverride * (len(patterns) + 1))()
+    for slot, pattern in zip(array, patterns):
+        slot.pattern = pattern.encode()
+        slot.buft = cpu
+    return array
+
+
+@contextmanager
+def model_params_with_overrides(patterns: list[str]) -> Iterator[None]:
+    """Make Llama() see tensor_buft_overrides.
+
+    llama-cpp-python 0.3.36 declares the field (as a void pointer) but has no keyword for it, and
+    Llama.__init__ takes its params from llama_model_default_params(); the struct is passed to
+    llama_model_load_from_file unchanged, so the field is set on the defaults it receives.
+    """
+    from llama_cpp import llama_cpp
+
+    array = override_array(patterns) if patterns else None
+    original = llama_cpp.llama_model_default_params
+
+    def with_overrides():
+        params = original()
+        if array is not None:
+            params.tensor_buft_overrides = ctypes.cast(array, ctypes.c_void_p)
+        return params
+
+    llama_cpp.llama_model_default_params = with_overrides
+    try:
+        yield
+    finally:
+        llama_cpp.llama_model_default_params = original
+
+
+def devices() -> list[dict]:
+    """The ggml backend devices compiled in (CPU, CUDA0, ...), with memory where the backend reports it."""
+    lib = _lib()
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(lib, name).restype = ctypes.c_char_p
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_type.restype = ctypes.c_int
+    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    kinds = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL"}  # enum ggml_backend_dev_type
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append({
+            "name": lib.ggml_backend_dev_name(dev).decode(),
+            "description": lib.ggml_backend_dev_description(dev).decode(),
+            "type": kinds.get(lib.ggml_backend_dev_type(dev), "UNKNOWN"),
+            "memory_free": free.value,
+            "memory_total": total.value,
+        })
+    return out

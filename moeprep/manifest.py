@@ -51,6 +51,7 @@ class Manifest:
     tools: dict = field(default_factory=dict)
     artifacts: list[Artifact] = field(default_factory=list)
     probe: dict | None = None
+    smoke: dict | None = None  # `moeprep smoke`'s report: hardware, versions, settings, per-artifact results
     format: str = FORMAT
     updated: str = ""
 
@@ -78,6 +79,7 @@ class Manifest:
             tools=data.get("tools", {}),
             artifacts=[Artifact(**{k: v for k, v in a.items() if k in known}) for a in data.get("artifacts", [])],
             probe=data.get("probe"),
+            smoke=data.get("smoke"),
             updated=data.get("updated", ""),
         )
 

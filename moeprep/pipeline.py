@@ -104,7 +104,8 @@ def prepare(
         check_free_space(out, planned, f"the F16 and {len(quants)} quants")
 
     manifest = Manifest(model=model_name, source=src, tools=versions(),
-                        artifacts=old.artifacts if old else [], probe=old.probe if old else None)
+                        artifacts=old.artifacts if old else [], probe=old.probe if old else None,
+                        smoke=old.smoke if old else None)
     result = PrepareResult(out, manifest)
 
     fingerprint = mf.source_fingerprint(src.files)

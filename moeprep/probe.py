@@ -53,7 +53,7 @@ class Placement:
     patterns: list[str]
     tensors_moved: int
     bytes_moved: int
-    bytes_on_gpu: int
+    bytes_on_gpu: int  # with every layer offloaded; token_embd stays in host memory
 
 
 @dataclass
@@ -157,6 +157,7 @@ def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
             layer = layers.setdefault(int(block.group(1)), LayerExperts(int(block.group(1))))
             {"expert": layer.experts, "shared_expert": layer.shared, "router": layer.router}[kind].append(t)
     sums["total"] = sum(t.bytes for t in tensors)
+    sums["input_layer"] = sum(t.bytes for t in tensors if t.name.startswith("token_embd."))
 
     block_count = key("block_count")
     expert_count = key("expert_count")
@@ -214,8 +215,10 @@ def _place(tensors: list[TensorInfo], name: str, patterns: list[str]) -> Placeme
     compiled = [re.compile(p) for p in patterns]
     moved = [t for t in tensors if any(p.search(t.name) for p in compiled)]
     moved_bytes = sum(t.bytes for t in moved)
-    total = sum(t.bytes for t in tensors)
-    return Placement(name, patterns, len(moved), moved_bytes, total - moved_bytes)
+    # llama.cpp keeps the input layer (token_embd) in host memory whatever the offload
+    names = {t.name for t in moved}
+    on_gpu = sum(t.bytes for t in tensors if t.name not in names and not t.name.startswith("token_embd."))
+    return Placement(name, patterns, len(moved), moved_bytes, on_gpu)
 
 
 def placements(tensors: list[TensorInfo], n_values: list[int]) -> list[Placement]:

@@ -1,0 +1,105 @@
+"""What hardware a measurement ran on, and device memory through NVML (nvidia-ml-py).
+
+On a machine without an NVIDIA driver NVML is unavailable: every VRAM figure is then None
+("not measured"), never an estimate.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class Nvml:
+    """An initialised NVML module (pynvml, or a stand-in with the same calls in tests)."""
+
+    nv: object
+
+    def gpus(self) -> list[dict]:
+        nv = self.nv
+        driver = _text(nv.nvmlSystemGetDriverVersion())
+        cuda = nv.nvmlSystemGetCudaDriverVersion()
+        out = []
+        for i in range(nv.nvmlDeviceGetCount()):
+            handle = nv.nvmlDeviceGetHandleByIndex(i)
+            mem = nv.nvmlDeviceGetMemoryInfo(handle)
+            out.append({
+                "index": i,
+                "name": _text(nv.nvmlDeviceGetName(handle)),
+                "memory_total_mib": round(mem.total / MIB, 1),
+                "memory_used_mib": round(mem.used / MIB, 1),
+                "driver": driver,
+                "cuda": f"{cuda // 1000}.{cuda % 1000 // 10}",
+            })
+        return out
+
+    def used_mib(self, index: int = 0) -> float:
+        nv = self.nv
+        return round(nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(index)).used / MIB, 1)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def nvml() -> tuple[Nvml | None, str]:
+    """NVML if this machine has an NVIDIA driver, else None and the reason."""
+    try:
+        import pynvml
+    except ImportError:
+        return None, "nvidia-ml-py is not installed"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        return None, f"NVML unavailable: {e}"
+    return Nvml(pynvml), "ok"
+
+
+class PeakWatch:
+    """Polls device memory in a background thread; `peak_mib` is the highest reading seen."""
+
+    def __init__(self, source: Nvml, index: int = 0, interval: float = 0.01):
+        self.source, self.index, self.interval = source, index, interval
+        self.peak_mib = source.used_mib(index)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mib = max(self.peak_mib, self.source.used_mib(self.index))
+
+    def __enter__(self) -> PeakWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, self.source.used_mib(self.index))
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(source: Nvml | None) -> dict:
+    pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "ram_gib": round(pages * os.sysconf("SC_PAGE_SIZE") / 1024**3, 1) if pages else None,
+        "gpus": source.gpus() if source else [],
+        "os": platform.platform(),
+    }
