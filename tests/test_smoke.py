@@ -1,0 +1,301 @@
+"""smoke, plan and doctor on the CPU build, plus the CUDA-only paths against llama.cpp's own formats."""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from moeprep import gpu, manifest as mf, smoke
+from moeprep.cli import main
+from moeprep.plan import kv_cache_bytes, measured_gpu, parse_size, plan
+from moeprep.probe import probe
+
+
+@pytest.fixture(scope="session")
+def smoked(converted_phimoe, tmp_path_factory):
+    """`moeprep smoke DIR --json` on a copy of the converted tiny Phi-MoE, once for the session."""
+    out = tmp_path_factory.mktemp("smoke") / "tiny-phimoe-GGUF"
+    shutil.copytree(converted_phimoe, out)
+    result = CliRunner().invoke(main, ["smoke", str(out), "--json"])
+    return out, result
+
+
+def test_smoke_acceptance_every_artifact_both_placements(smoked):
+    out, result = smoked
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    m = mf.load(out)
+    assert set(report["artifacts"]) == {a.path for a in m.artifacts}
+    for a in m.artifacts:
+        r = report["artifacts"][a.path]
+        assert r["sha256"] == a.sha256 and r["ok"], r["failures"]
+        expected = sorted(probe(out / a.path).expert_tensor_names())
+        for name in ("gpu", "cpu-moe"):
+            p = r["placements"][name]
+            for figure in ("load_s", "ttft_s", "decode_tps", "prompt_tps"):
+                assert p[figure]["n"] == 3 and p[figure]["sd"] is not None and p[figure]["mean"] > 0, (name, figure)
+            assert p["tokens"]["generated"] == [32, 32, 32]  # token ids counted, not words
+            assert p["tokens"]["prompt"] > 0
+            assert p["vram_mib"] is None  # no NVIDIA driver here: not measured, never estimated
+        cpu_moe = r["placements"]["cpu-moe"]
+        assert sorted(o["tensor"] for o in cpu_moe["overridden"]) == expected
+        assert cpu_moe["overrides_match_probe"]
+        assert r["placements"]["gpu"]["overridden"] == []
+        assert r["quality"]["positions"] == smoke.QUALITY_TOKENS and r["quality"]["finite"]
+        assert r["greedy_agreement"]["identical"]  # on one CPU both placements compute the same
+    assert report["backend"] == "CPU" and report["tools"]["llama_cpp_commit"].startswith("0c1e570")
+    assert m.smoke["artifacts"] == report["artifacts"]
+    assert m.smoke["hardware"]["cpu"] and m.smoke["settings"]["runs"] == 3
+
+
+def test_smoke_kld_orders_the_quants(smoked):
+    out, _ = smoked
+    q = {r["quant"]: r["quality"] for r in mf.load(out).smoke["artifacts"].values()}
+    assert q["F16"]["kld_mean"] == 0 and q["F16"]["top1_agreement"] == 1
+    assert 0 < q["Q8_0"]["kld_mean"] < q["Q4_K_M"]["kld_mean"] < q["Q2_K"]["kld_mean"]
+    assert q["Q8_0"]["top1_agreement"] > q["Q4_K_M"]["top1_agreement"] > q["Q2_K"]["top1_agreement"]
+
+
+def test_smoke_override_log_names_cpu_buffers(smoked):
+    out, _ = smoked
+    r = mf.load(out).smoke["artifacts"]["tiny-phimoe-Q4_K_M.gguf"]
+    # On a CPU-only build the override target is the CPU buffer type; llama.cpp may pick its
+    # repacking variant for it. Every override names a CPU buffer.
+    assert {o["buffer_type"] for o in r["placements"]["cpu-moe"]["overridden"]} <= {"CPU", "CPU_REPACK", "CPU_Mapped"}
+    kinds = {(b["kind"]) for b in r["placements"]["cpu-moe"]["buffers"]}
+    assert {"model", "KV", "compute"} <= kinds
+
+
+def test_smoke_n_cpu_moe_moves_only_the_first_blocks(converted_phimoe):
+    settings = smoke.Settings(runs=1, new_tokens=4)
+    placement = smoke.parse_placement("n-cpu-moe=1")
+    expected = [t.name for t in probe(converted_phimoe / "tiny-phimoe-Q8_0.gguf").layers[0].experts]
+    r = smoke.run_placement(converted_phimoe / "tiny-phimoe-Q8_0.gguf", placement, expected, settings, None)
+    assert sorted(o["tensor"] for o in r["overridden"]) == sorted(expected)
+    assert all(o["tensor"].startswith("blk.0.") for o in r["overridden"])
+    assert r["failures"] == []
+
+
+def test_smoke_override_mismatch_fails(converted_phimoe):
+    r = smoke.run_placement(converted_phimoe / "tiny-phimoe-Q8_0.gguf", smoke.parse_placement("cpu-moe"),
+                            ["blk.0.ffn_up_exps.weight"], smoke.Settings(runs=1, new_tokens=4), None)
+    assert not r["overrides_match_probe"]
+    assert r["failures"] == ["cpu-moe: llama.cpp overrode 6 tensors, the probe expects 1"]
+
+
+def test_smoke_degenerate_judgement():
+    assert smoke.degenerate([5] * 20 + [1, 2, 3, 4])
+    assert not smoke.degenerate([1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9])
+    assert not smoke.degenerate([7] * 5)  # too short to judge
+    varied = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert smoke.degenerates_alone([3] * 12, varied)
+    assert not smoke.degenerates_alone([3] * 12, [1, 2, 3, 4, 5, 6, 7, 8, 4, 4, 4, 4])  # the F16 loops too
+    assert not smoke.degenerates_alone(varied, varied)
+
+
+def _crafted(src, dst, edit):
+    """A copy of `src` with one tensor's values changed in place through gguf-py's writable memmap."""
+    from gguf import GGUFReader
+
+    shutil.copy(src, dst)
+    reader = GGUFReader(dst, "r+")
+    edit({t.name: t.data for t in reader.tensors})
+    reader.data.flush()
+    return dst
+
+
+# A prompt on which the tiny F16 does not fall into a one-token loop (checked below): random-weight
+# models often do, and then no quant can be blamed for it.
+VARIED = smoke.Settings(runs=1, prompt="Numbers such as 1, 2, 3")
+
+
+@pytest.fixture(scope="session")
+def reference(converted_phimoe):
+    ref = smoke.reference_for(converted_phimoe / "tiny-phimoe-F16.gguf", None, VARIED)
+    assert not smoke.loops(ref["greedy_tokens"]), ref["greedy_tokens"]
+    return ref
+
+
+@pytest.mark.parametrize("case, failure", [
+    ("one_token", "degenerate output"),
+    ("eos_first", "empty output"),
+    ("nan", "NaN or inf in the logits"),
+])
+def test_smoke_fails_crafted_broken_files(case, failure, converted_phimoe, reference, tmp_path):
+    def edit(t):
+        if case == "one_token":
+            t["output.bias"][123] = 1e4  # one token wins every step
+        elif case == "eos_first":
+            t["output.bias"][2] = 1e4  # </s> wins the first step
+        else:
+            t["output_norm.weight"][:] = np.nan
+
+    path = _crafted(converted_phimoe / "tiny-phimoe-F16.gguf", tmp_path / f"crafted-{case}.gguf", edit)
+    r = smoke.smoke_file(smoke.Target(path, "F16"), [smoke.parse_placement("gpu")], VARIED, None, reference)
+    assert not r["ok"]
+    assert any(failure in f for f in r["failures"]), r["failures"]
+
+
+def test_smoke_cli_exit_code_on_failure(converted_phimoe, tmp_path):
+    path = _crafted(converted_phimoe / "tiny-phimoe-Q8_0.gguf", tmp_path / "broken-Q8_0.gguf",
+                    lambda t: t["output.bias"].__setitem__(2, 1e4))
+    result = CliRunner().invoke(main, ["smoke", str(path), "--runs", "1", "--placement", "gpu"])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "Error: smoke failed for broken-Q8_0.gguf: gpu: empty output")
+
+
+def test_smoke_unknown_placement_is_a_clear_error(converted_phimoe):
+    result = CliRunner().invoke(main, ["smoke", str(converted_phimoe), "--placement", "cpu-only"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "Error: unknown placement 'cpu-only' (use gpu, cpu-moe or n-cpu-moe=N)"
+
+
+# --- CUDA-only paths, against text rendered from llama.cpp's own format strings --------------------
+# These are the LLAMA_LOG_* format strings of the llama.cpp that llama-cpp-python 0.3.36 vendors
+# (src/llama-model-loader.cpp, src/llama-model.cpp, src/llama-kv-cache.cpp, src/llama-context.cpp).
+# No GPU run has been recorded yet: see README, "GPU status".
+OVERRIDE = "tensor %s (%d MiB %s) buffer type overridden to %s"
+MODEL_BUF = "%s: %12s model buffer size = %8.2f MiB"
+KV_BUF = "%s: %10s KV buffer size = %8.2f MiB"
+COMPUTE_BUF = "%s: %10s compute buffer size = %8.2f MiB"
+OUTPUT_BUF = "%s: %10s  output buffer size = %8.2f MiB"
+
+
+def cuda_log():
+    lines = [OVERRIDE % (f"blk.{b}.ffn_{p}_exps.weight", 288, "q4_K", "CUDA_Host")
+             for b in range(2) for p in ("gate", "down", "up")]
+    lines += [
+        MODEL_BUF % ("load_tensors", "CUDA0", 1371.52),
+        MODEL_BUF % ("load_tensors", "CUDA_Host", 1728.00),
+        MODEL_BUF % ("load_tensors", "CPU_Mapped", 81.00),
+        OUTPUT_BUF % ("llama_context", "CUDA_Host", 0.12),
+        KV_BUF % ("llama_kv_cache", "CUDA0", 512.00),
+        COMPUTE_BUF % ("sched_reserve", "CUDA0", 300.75),
+        COMPUTE_BUF % ("sched_reserve", "CUDA_Host", 24.01),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def test_smoke_parses_cuda_log_lines():
+    log = smoke.parse_log(cuda_log())
+    assert [o["buffer_type"] for o in log["overridden"]] == ["CUDA_Host"] * 6
+    assert log["overridden"][1] == {"tensor": "blk.0.ffn_down_exps.weight", "type": "q4_K", "buffer_type": "CUDA_Host"}
+    assert {(b["device"], b["kind"]): b["mib"] for b in log["buffers"]} == {
+        ("CUDA0", "model"): 1371.52, ("CUDA_Host", "model"): 1728.0, ("CPU_Mapped", "model"): 81.0,
+        ("CUDA_Host", "output"): 0.12, ("CUDA0", "KV"): 512.0, ("CUDA0", "compute"): 300.75,
+        ("CUDA_Host", "compute"): 24.01,
+    }
+
+
+def test_plan_compares_with_a_recorded_gpu_smoke(converted_phimoe):
+    path = converted_phimoe / "tiny-phimoe-Q4_K_M.gguf"
+    predicted = {p["placement"]: p["weights_on_gpu"] for p in plan(path)["placements"]}
+    buffers = smoke.parse_log(cuda_log())["buffers"]
+    fake_smoke = {"artifacts": {path.name: {"sha256": "s", "placements": {"cpu-moe": {"buffers": buffers}}}}}
+    measured = measured_gpu(fake_smoke, path.name, "s")
+    assert measured == {"cpu-moe": {"model": 1371.52 * 2**20, "KV": 512 * 2**20, "compute": 300.75 * 2**20}}
+    assert measured_gpu(fake_smoke, path.name, "another-sha") == {}  # results of other bytes never count
+    row = next(p for p in plan(path, smoke=fake_smoke, sha256="s")["placements"] if p["placement"] == "cpu-moe")
+    assert row["weights_error_pct"] == pytest.approx(100 * (predicted["cpu-moe"] - 1371.52 * 2**20) / (1371.52 * 2**20))
+
+
+class FakeNvml:
+    """pynvml's calls, answering with readings shaped as nvidia-ml-py returns them."""
+
+    def __init__(self, used):
+        self.used = list(used)
+
+    def nvmlSystemGetDriverVersion(self):
+        return "550.54.15"
+
+    def nvmlSystemGetCudaDriverVersion(self):
+        return 12040
+
+    def nvmlDeviceGetCount(self):
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, handle):
+        return b"NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        used = self.used.pop(0) if len(self.used) > 1 else self.used[0]
+        return SimpleNamespace(total=85520809984, used=used, free=85520809984 - used)
+
+
+def test_gpu_nvml_readings():
+    nv = gpu.Nvml(FakeNvml([1 * 2**30]))
+    [g] = nv.gpus()
+    assert g == {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total_mib": 81559.0, "memory_used_mib": 1024.0,
+                 "driver": "550.54.15", "cuda": "12.4"}
+
+
+def test_gpu_peak_watch_keeps_the_highest_reading():
+    nv = gpu.Nvml(FakeNvml([100 * 2**20, 900 * 2**20, 300 * 2**20, 200 * 2**20]))
+    import time
+
+    with gpu.PeakWatch(nv, interval=0.001) as watch:
+        time.sleep(0.05)
+    assert watch.peak_mib == 900.0
+
+
+def test_gpu_absent_here_is_reported_not_estimated():
+    source, why = gpu.nvml()
+    assert source is None and why.startswith("NVML unavailable")
+    assert gpu.hardware(None)["gpus"] == []
+
+
+def test_plan_acceptance_phi_moe_cpu_moe_keeps_under_10_percent(converted_phimoe):
+    r = plan(converted_phimoe / "tiny-phimoe-F16.gguf", ctx=4096)
+    rows = {p["placement"]: p for p in r["placements"]}
+    assert r["kind"] == "prediction" and r["compute_buffer"].startswith("not included")
+    assert rows["cpu-moe"]["weights_on_gpu"] < 0.10 * r["weights_total"]
+    assert rows["gpu"]["weights_on_gpu"] == r["weights_total"] - r["token_embd_on_cpu"]
+    assert rows["n-cpu-moe=1"]["weights_on_gpu"] > rows["n-cpu-moe=2"]["weights_on_gpu"] == rows["cpu-moe"]["weights_on_gpu"]
+
+
+def test_plan_kv_cache_matches_llama_cpp(smoked):
+    out, _ = smoked
+    m = mf.load(out)
+    ctx = m.smoke["settings"]["ctx"]
+    buffers = m.smoke["artifacts"]["tiny-phimoe-F16.gguf"]["placements"]["gpu"]["buffers"]
+    llama_kv = sum(b["mib"] for b in buffers if b["kind"] == "KV") * 2**20
+    assert kv_cache_bytes(out / "tiny-phimoe-F16.gguf", ctx)[0] == llama_kv
+
+
+def test_plan_vram_names_the_smallest_fit(converted_phimoe):
+    path = converted_phimoe / "tiny-phimoe-Q8_0.gguf"
+    rows = {p["placement"]: p["predicted_total"] for p in plan(path, ctx=256)["placements"]}
+    between = (rows["n-cpu-moe=1"] + rows["gpu"]) // 2
+    assert plan(path, ctx=256, vram=between)["recommended"] == "n-cpu-moe=1"
+    assert plan(path, ctx=256, vram=rows["gpu"])["recommended"] == "gpu"
+    assert plan(path, ctx=256, vram=1)["recommended"] is None
+    result = CliRunner().invoke(main, ["plan", str(path), "--ctx", "256", "--vram", f"{between}B"])
+    assert "PREDICTED" in result.output and "smallest placement predicted to fit" in result.output
+
+
+def test_plan_sizes_parse():
+    assert parse_size("24GiB") == 24 * 2**30 and parse_size("16 GB") == 16 * 10**9 and parse_size("512") == 512
+    with pytest.raises(Exception, match="cannot read"):
+        parse_size("lots")
+
+
+def test_plan_dense_model(converted_local):
+    r = plan(converted_local["llama"] / "tiny-llama-Q8_0.gguf")
+    assert not r["is_moe"] and [p["placement"] for p in r["placements"]] == ["gpu"]
+
+
+def test_doctor_reports_the_cpu_backend():
+    result = CliRunner().invoke(main, ["doctor", "--json"])
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["backends"] == ["CPU"] and data["tools"]["gpu_offload"] is False
+    assert data["nvml"].startswith("NVML unavailable")
+    assert data["tools"]["llama_cpp_commit"].startswith("0c1e570")
+    assert data["gguf"]["files_changed"] == []
