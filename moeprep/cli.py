@@ -320,6 +320,73 @@ def _print_plan(r: dict) -> None:
 
 
 @main.command()
+@click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--template", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Jinja template for the card. [default: templates/model_card.md.j2]")
+@click.option("--check", "check", type=click.Path(path_type=Path), help="Lint this card file instead of writing one.")
+@click.option("--push", is_flag=True, help="Lint, then upload GGUFs, card, plot and manifest to the Hub.")
+@click.option("--repo-id", help="Hub repo ORG/NAME (needed with --push; named in the card's usage).")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--dry-run", is_flag=True, help="With --push: print what would be uploaded, and where; upload nothing.")
+@click.option("--layout", type=click.Choice(["single", "per-quant"]), default="single", show_default=True,
+              help="One repo for all quants, or one repo per quant (ORG/NAME-QUANT) linking each other.")
+@click.option("--max-shard", default="50GB", show_default=True, help="Split GGUFs larger than this before upload.")
+@click.option("--quantized-by", default="moeprep", show_default=True, help="The card's quantized_by.")
+@click.option("--base-model", help="Base model repo id, for a model converted from a local directory.")
+@json_option
+def card(directory, template, check, push, repo_id, private, dry_run, layout, max_shard, quantized_by, base_model,
+         as_json) -> None:
+    """Write DIR/README.md from DIR/manifest.json; lint a card; push everything to the Hub.
+
+    The card is rendered in a Jinja sandbox from the manifest's records. --check lints a card:
+    front matter, merge markers, unrendered template syntax, empty cells, figures equal to the
+    manifest's, files present with their sha256, absolute links to other repos. --push always lints
+    first and stops if the lint fails. The token (HF_TOKEN or `hf auth login`) is never printed.
+
+    \b
+    Example:
+      moeprep card Phi-3.5-MoE-instruct-GGUF --push --repo-id me/Phi-3.5-MoE-instruct-GGUF
+    """
+    from . import card as stage
+    from . import manifest as mf
+    from .plan import parse_size
+
+    if check:
+        folder = directory or check.parent
+        problems = stage.lint(check, mf.load_or_none(folder))
+        emit({"card": str(check), "problems": problems}, as_json,
+             lambda: [click.echo(p) for p in problems] or click.echo(f"{check}: no problems"))
+        if problems:
+            raise MoeprepError(f"card lint failed: {len(problems)} problems in {check}", "fix them, or render the card again")
+        return
+    if directory is None:
+        raise MoeprepError("no output directory given", "moeprep card DIR, or moeprep card --check FILE")
+    if push:
+        from .push import push as upload
+
+        if not repo_id:
+            raise MoeprepError("--push needs --repo-id ORG/NAME", "name the Hub repo to push to")
+        result = upload(directory, repo_id, private=private, dry_run=dry_run, layout=layout,
+                        max_shard=parse_size(max_shard), quantized_by=quantized_by, base_model=base_model,
+                        template=template, status=status)
+
+        def human():
+            for r in result.repos:
+                click.echo(f"{r.url}" + (f" (commit {r.commit})" if r.commit else ""))
+                for i in r.items:
+                    click.echo(f"  {i.action:<30} {i.size:>14,}  {i.local} -> {r.repo_id}/{i.path_in_repo}")
+            click.echo(("dry run: nothing uploaded; " if result.dry_run else "") + f"{result.uploaded} files to upload")
+
+        emit(dataclasses.asdict(result), as_json, human)
+        return
+    path = stage.write(directory, repo_id, template=template, quantized_by=quantized_by, base_model=base_model)
+    problems = stage.lint(path)
+    emit({"card": str(path), "problems": problems}, as_json, lambda: click.echo(f"wrote {path}"))
+    if problems:
+        raise MoeprepError(f"the card written to {path} fails its own lint: {problems[0]}", "report this as a moeprep bug")
+
+
+@main.command()
 @json_option
 def doctor(as_json: bool) -> None:
     """Show what this machine can do: llama.cpp backends, GPUs, NVML, versions.

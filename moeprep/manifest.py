@@ -42,6 +42,7 @@ class Artifact:
     stage: str  # "convert" or "quantize"
     made_from: str  # sha256 of the input: the source fingerprint, or the F16 file
     settings: dict = field(default_factory=dict)
+    shards: list[dict] = field(default_factory=list)  # [{path, size, sha256}] when split for upload
 
 
 @dataclass

@@ -1,0 +1,46 @@
+"""Split a GGUF into llama.cpp shards (`<name>-00001-of-00003.gguf`) with gguf-py's own writer.
+
+GGUFWriter's split mode is what convert_hf_to_gguf --split-max-size uses: the first shard carries
+the metadata, every shard carries split.no / split.count / split.tensors.count, and llama.cpp loads
+the set from the first shard. Tensor bytes are streamed from the reader's memory map.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from . import progress
+
+
+def split(src: Path, out_dir: Path, max_bytes: int) -> list[Path]:
+    """Write `src` as shards of at most `max_bytes` of tensor data into `out_dir` (aside, then renamed)."""
+    import gguf
+
+    reader = gguf.GGUFReader(src, "r")
+    arch = str(reader.fields["general.architecture"].contents())
+    work = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    writer = gguf.GGUFWriter(work / src.name, arch, split_max_size=max_bytes)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith(("GGUF.", "split.")):
+            continue
+        kind = field.types[0]
+        writer.add_key_value(field.name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    with progress.bar(f"split {src.name}", sum(int(t.n_bytes) for t in reader.tensors)) as bar:
+        for t in reader.tensors:
+            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+            bar.update(int(t.n_bytes))
+    writer.close()
+    shards = sorted(work.iterdir())
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(work, out_dir)
+    return [out_dir / p.name for p in shards]
