@@ -107,8 +107,22 @@ def _error(e: Exception, repo_id: str) -> MoeprepError:
                         "use a token with write permission for that namespace (hf auth login), or pick another --repo-id")
     if isinstance(e, HfHubHTTPError):
         return HubError(f"the Hub answered {status} while pushing to {repo_id}", "run the same command again; --debug shows the response")
-    return HubError(f"the upload to {repo_id} failed midway ({type(e).__name__})",
+    cause = _network_cause(e)
+    if cause is None:
+        raise e  # not the network: a bug, with its traceback
+    return HubError(f"the upload to {repo_id} failed midway ({type(cause).__name__}: {cause})",
                     "run the same command again: files already uploaded are not sent again")
+
+
+def _network_cause(e: BaseException | None) -> BaseException | None:
+    """The transport error behind `e`; huggingface_hub wraps failed LFS uploads in a RuntimeError."""
+    import httpx2
+
+    while e is not None:
+        if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _token_check(dry_run: bool) -> None:

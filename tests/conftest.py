@@ -22,7 +22,7 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["MOEPREP_NO_PROGRESS"] = "1"
 
-from tests.hub_server import GRANTED_TOKEN, HubServer, repo_from_folder  # noqa: E402
+from tests.hub_server import GRANTED_TOKEN, WRITE_TOKEN, HubServer, repo_from_folder  # noqa: E402
 
 HUB = HubServer()
 os.environ["HF_ENDPOINT"] = HUB.url
@@ -87,6 +87,25 @@ def converted_phimoe(hub, tmp_path_factory) -> Path:
     result = CliRunner().invoke(main, ["convert", "some-org/tiny-phimoe", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def smoked(converted_phimoe, tmp_path_factory):
+    """`moeprep smoke DIR --json` on a copy of the converted tiny Phi-MoE, once for the session."""
+    from click.testing import CliRunner
+
+    from moeprep.cli import main
+
+    out = tmp_path_factory.mktemp("smoke") / "tiny-phimoe-GGUF"
+    shutil.copytree(converted_phimoe, out)
+    result = CliRunner().invoke(main, ["smoke", str(out), "--json"])
+    return out, result
+
+
+@pytest.fixture
+def write_token(monkeypatch) -> str:
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    return WRITE_TOKEN
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ through huggingface_hub alone.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -17,7 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-GRANTED_TOKEN = "hf_test_granted_0123456789"
+GRANTED_TOKEN = "hf_test_granted_0123456789"  # reads gated repos, writes nowhere
+WRITE_TOKEN = "hf_test_write_9876543210"  # writes to the namespaces in HubServer.writable
 LFS = re.compile(r"\.(safetensors|model|gguf|bin|png)$")
 
 
@@ -63,6 +65,9 @@ class HubServer:
     def __init__(self):
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, authorization)
+        self.writable = {"me", "some-org"}
+        self.lfs: dict[str, dict[str, bytes]] = {}  # uploaded LFS objects: repo id -> sha256 -> bytes
+        self.puts_left: int | None = None  # when set, LFS uploads past this many drop the connection
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -118,6 +123,88 @@ def _handler(hub: HubServer):
             self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
             return False
 
+        def _body(self) -> bytes:
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _can_write(self, repo_id: str) -> bool:
+            if self._token() is None:
+                self._error(401, "Unauthorized", "Invalid username or password.")
+                return False
+            if self._token() != WRITE_TOKEN or repo_id.split("/")[0] not in hub.writable:
+                self._error(403, "Forbidden", f"You don't have the rights to write to {repo_id}")
+                return False
+            return True
+
+        def do_POST(self):
+            path = unquote(urlparse(self.path).path)
+            hub.requests.append(("POST", self.path, self.headers.get("Authorization")))
+            body = self._body()
+            if path == "/api/validate-yaml":
+                return self._json(200, {"errors": [], "warnings": []})
+            if path == "/api/repos/create":
+                data = json.loads(body)
+                repo_id = f"{data.get('organization') or 'me'}/{data['name']}"
+                if not self._can_write(repo_id):
+                    return
+                if repo_id in hub.repos:  # the Hub names the existing repo in its 409 answer
+                    return self._json(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
+                hub.repos[repo_id] = Repo({}, commit=hashlib.sha1(repo_id.encode()).hexdigest())
+                return self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
+            if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/([^/]+)", path):
+                if not self._repo(m.group(1)) or not self._can_write(m.group(1)):
+                    return
+                files = json.loads(body)["files"]
+                return self._json(200, {"files": [
+                    {"path": f["path"], "uploadMode": "lfs" if LFS.search(f["path"]) else "regular", "shouldIgnore": False}
+                    for f in files]})
+            if m := re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path):
+                if not self._repo(m.group(1)) or not self._can_write(m.group(1)):
+                    return
+                objects = []
+                store = hub.lfs.setdefault(m.group(1), {})
+                for o in json.loads(body)["objects"]:
+                    entry = {"oid": o["oid"], "size": o["size"]}
+                    if o["oid"] not in store:
+                        href = f"{hub.url}/lfs-upload/{m.group(1)}/{o['oid']}"
+                        entry["actions"] = {"upload": {"href": href, "header": {}}}
+                    objects.append(entry)
+                return self._json(200, {"transfer": "basic", "objects": objects})
+            if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/([^/]+)", path):
+                repo = self._repo(m.group(1))
+                if not repo or not self._can_write(m.group(1)):
+                    return
+                for line in body.splitlines():
+                    item = json.loads(line)
+                    if item["key"] == "file":
+                        repo.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                    elif item["key"] == "lfsFile":
+                        oid = item["value"]["oid"]
+                        store = hub.lfs.get(m.group(1), {})
+                        if oid not in store:
+                            return self._error(422, "BadRequest", f"LFS object {oid} was never uploaded")
+                        repo.files[item["value"]["path"]] = store[oid]
+                repo.commit = hashlib.sha1(repo.commit.encode() + body).hexdigest()
+                return self._json(200, {"commitUrl": f"{hub.url}/{m.group(1)}/commit/{repo.commit}",
+                                        "commitOid": repo.commit, "pullRequestUrl": None})
+            self._error(404, "EntryNotFound", f"no route for POST {path}")
+
+        def do_PUT(self):
+            path = unquote(urlparse(self.path).path)
+            hub.requests.append(("PUT", self.path, self.headers.get("Authorization")))
+            if hub.puts_left is not None:
+                if hub.puts_left <= 0:  # the network fails mid-upload: the connection just drops
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                hub.puts_left -= 1
+            body = self._body()
+            if m := re.fullmatch(r"/lfs-upload/([^/]+/[^/]+)/([0-9a-f]{64})", path):
+                if hashlib.sha256(body).hexdigest() != m.group(2):
+                    return self._error(400, "BadRequest", "sha256 mismatch")
+                hub.lfs.setdefault(m.group(1), {})[m.group(2)] = body
+                return self._send(200)
+            self._error(404, "EntryNotFound", f"no route for PUT {path}")
+
         def do_HEAD(self):
             self._route(head=True)
 
@@ -129,7 +216,7 @@ def _handler(hub: HubServer):
             path = unquote(url.path)
             hub.requests.append((self.command, self.path, self.headers.get("Authorization")))
             if path == "/api/whoami-v2":
-                if self._token():
+                if self._token() in (GRANTED_TOKEN, WRITE_TOKEN):
                     return self._json(200, {"type": "user", "name": "tester", "auth": {}}, head=head)
                 return self._error(401, "Unauthorized", "Invalid credentials", head)
             if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):

@@ -14,15 +14,6 @@ from moeprep.plan import kv_cache_bytes, measured_gpu, parse_size, plan
 from moeprep.probe import probe
 
 
-@pytest.fixture(scope="session")
-def smoked(converted_phimoe, tmp_path_factory):
-    """`moeprep smoke DIR --json` on a copy of the converted tiny Phi-MoE, once for the session."""
-    out = tmp_path_factory.mktemp("smoke") / "tiny-phimoe-GGUF"
-    shutil.copytree(converted_phimoe, out)
-    result = CliRunner().invoke(main, ["smoke", str(out), "--json"])
-    return out, result
-
-
 def test_smoke_acceptance_every_artifact_both_placements(smoked):
     out, result = smoked
     assert result.exit_code == 0, result.output

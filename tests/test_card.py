@@ -1,0 +1,326 @@
+"""card: rendering from the manifest, the lint, injection safety, and push round trips to the local Hub."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from moeprep import card, manifest as mf
+from moeprep.cli import main
+from moeprep.pipeline import prepare
+from tests.llm import generate
+
+DATA = Path(__file__).parent / "data"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text[4:text.index("\n---\n", 4)])
+
+
+def table(text: str) -> dict[str, list[str]]:
+    lines = text.splitlines()
+    start = lines.index("| " + " | ".join(card.COLUMNS) + " |") + 2
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells
+    return rows
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def fresh(converted_phimoe, tmp_path):
+    out = tmp_path / "tiny-phimoe-GGUF"
+    shutil.copytree(converted_phimoe, out)
+    return out
+
+
+def test_card_acceptance_front_matter_and_file_table(fresh):
+    result = run("card", fresh)
+    assert result.exit_code == 0, result.output
+    text = (fresh / "README.md").read_text()
+    meta = front_matter(text)
+    assert meta["base_model"] == "some-org/tiny-phimoe" and meta["base_model_relation"] == "quantized"
+    assert meta["license"] == "mit" and meta["pipeline_tag"] == "text-generation" and meta["language"] == ["en"]
+    assert meta["tags"] == ["gguf", "moe", "mixture-of-experts", "cpu-offload", "llama.cpp", "quantized"]
+    assert meta["quantized_by"] == "moeprep"
+    rows = table(text)
+    m = mf.load(fresh)
+    assert list(rows) == [a.path for a in m.artifacts]
+    for a in m.artifacts:
+        assert rows[a.path][3] == a.sha256 == sha256(fresh / a.path)
+        assert rows[a.path][4:] == ["not measured"] * 7  # no smoke recorded for this copy
+    assert "Speed, VRAM and KLD: not measured" in text
+    assert "## Offload plan (predicted, not measured)" in text and "compute buffer is not included" in text
+    assert f"commit [`{m.source.commit}`]" in text
+    assert card.lint(fresh / "README.md") == []
+
+
+def test_card_with_smoke_data_shows_measured_figures_and_plot(smoked, tmp_path):
+    src, _ = smoked
+    out = tmp_path / "smoked"
+    shutil.copytree(src, out)
+    assert run("card", out, "--repo-id", "me/tiny-phimoe-GGUF").exit_code == 0
+    text = (out / "README.md").read_text()
+    m = mf.load(out)
+    rows = table(text)
+    for a in m.artifacts:
+        s = m.smoke["artifacts"][a.path]
+        tps = s["placements"]["gpu"]["decode_tps"]
+        assert rows[a.path][6] == f"{tps['mean']:.1f} ± {tps['sd']:.1f}"
+        assert rows[a.path][9] == f"{s['quality']['kld_mean']:.6f}"
+        assert rows[a.path][4] == "not measured"  # no GPU here: VRAM is never estimated
+    assert "![Decode speed and memory per quant and placement](moeprep-smoke.png)" in text
+    assert (out / "moeprep-smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "N=3 timed runs after 1 warm-up" in text and "VRAM: not measured: the smoke ran without a GPU" in text
+    assert "hf download me/tiny-phimoe-GGUF tiny-phimoe-Q4_K_M.gguf" in text
+    assert card.lint(out / "README.md") == []
+
+
+def test_card_results_of_other_bytes_are_not_shown(smoked, tmp_path):
+    src, _ = smoked
+    out = tmp_path / "changed"
+    shutil.copytree(src, out)
+    m = mf.load(out)
+    m.smoke["artifacts"]["tiny-phimoe-Q8_0.gguf"]["sha256"] = "0" * 64  # measured some other file
+    mf.save(out, m)
+    run("card", out)
+    assert table((out / "README.md").read_text())["tiny-phimoe-Q8_0.gguf"][6] == "not measured"
+
+
+@pytest.fixture
+def good_card(fresh):
+    run("card", fresh)
+    return fresh / "README.md"
+
+
+def edit(path: Path, old: str, new: str, count: int = 1) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, count))
+
+
+@pytest.mark.parametrize("defect, expect", [
+    ("merge", "merge-conflict marker"),
+    ("unrendered", "unrendered template syntax"),
+    ("empty_cell", "empty table cell"),
+    ("figure", "Size is"),
+    ("sha", "does not have the sha256 the card lists"),
+    ("missing_file", "does not exist beside the card"),
+    ("relative_link", "relative link '../tiny-phimoe-Q2_K-GGUF'"),
+    ("yaml", "front matter: not valid YAML"),
+    ("key", "front matter: missing base_model"),
+    ("placeholder", "placeholder (add)"),
+])
+def test_card_lint_catches(defect, expect, good_card):
+    out = good_card.parent
+    if defect == "merge":
+        edit(good_card, "## Method", "<<<<<<< HEAD\n## Method\n=======\n## Methods\n>>>>>>> main")
+    elif defect == "unrendered":
+        edit(good_card, "## Method", "## Method {{ method }}")
+    elif defect == "empty_cell":
+        edit(good_card, "| Layers | 2 (0 leading dense) |", "| Layers |  |")
+    elif defect == "figure":
+        edit(good_card, "| Q8_0 | 13.48 MiB |", "| Q8_0 | 13.50 MiB |")
+    elif defect == "sha":
+        with open(out / "tiny-phimoe-Q2_K.gguf", "r+b") as f:
+            f.seek(1000)
+            f.write(b"\x00\x01\x02")
+    elif defect == "missing_file":
+        (out / "tiny-phimoe-Q2_K.gguf").unlink()
+    elif defect == "relative_link":
+        edit(good_card, "## Provenance", "See [Q2_K](../tiny-phimoe-Q2_K-GGUF).\n\n## Provenance")
+    elif defect == "yaml":
+        edit(good_card, "base_model_relation: quantized", "base_model_relation: [quantized")
+    elif defect == "key":
+        edit(good_card, "base_model: some-org/tiny-phimoe\n", "")
+    elif defect == "placeholder":
+        edit(good_card, "## Provenance", "SHA256: (add)\n\n## Provenance")
+    problems = card.lint(good_card)
+    assert any(expect in p for p in problems), problems
+    result = run("card", out, "--check", good_card)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: card lint failed: ")
+
+
+def test_card_lint_rejects_the_published_cards(tmp_path):
+    copy = tmp_path / "README.md"
+    shutil.copy(DATA / "card-phi-3.5-moe-q8_0.md", copy)
+    result = run("card", "--check", copy)
+    assert result.exit_code == 1
+    assert "line 83: merge-conflict marker '<<<<<<<'" in result.stdout
+    assert "relative link '../phi-3.5-moe-q4-k-m-cpu-offload-gguf'" in result.stdout
+    assert "no manifest.json beside the card" in result.stdout
+    shutil.copy(DATA / "card-phi-3.5-moe-f16.md", copy)
+    assert any("base_model_relation" in p for p in card.lint(copy))
+
+
+def test_card_source_text_is_data_not_template(checkpoints, tmp_path):
+    src = tmp_path / "evil"
+    shutil.copytree(checkpoints["mixtral"], src)
+    (src / "README.md").write_text(
+        "---\nlicense: '{{ 7*7 }}'\nlanguage:\n- en\n---\n\n# evil\n\n"
+        "Ignore this {{ 7*7 }} and {% for x in range(3) %}x{% endfor %} | pipe.\n")
+    out = tmp_path / "out"
+    prepare(str(src), out=out, quants=["Q8_0"])
+    result = run("card", out, "--base-model", "some-org/evil")
+    assert result.exit_code == 0, result.output
+    text = (out / "README.md").read_text()
+    assert "49" not in text and "xxx" not in text
+    assert "&#123;&#123; 7*7 &#125;&#125;" in text and "&#123;% for x in range(3) %&#125;" in text
+    meta = front_matter(text)
+    assert meta["license"] == "other" and meta["license_name"] == "unknown"
+    assert "unknown: the source states no license moeprep can read" in text
+    assert card.lint(out / "README.md") == []
+
+
+def test_card_sandbox_refuses_unsafe_templates(fresh, tmp_path):
+    evil = tmp_path / "evil.md.j2"
+    evil.write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    result = run("--debug", "card", fresh, "--template", evil)
+    assert result.exit_code != 0
+    assert "SecurityError" in type(result.exception).__name__ or "unsafe" in str(result.exception)
+
+
+def test_card_local_source_needs_a_base_model(converted_local):
+    result = run("card", converted_local["llama"])
+    assert result.exit_code == 1
+    assert "pass --base-model ORG/NAME" in result.stderr
+
+
+# --- push ------------------------------------------------------------------------------------------
+
+def downloaded(repo_id: str, tmp_path: Path) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, local_dir=tmp_path / repo_id.replace("/", "__")))
+
+
+def test_push_round_trip_byte_for_byte(hub, fresh, write_token, tmp_path):
+    result = run("card", fresh, "--push", "--repo-id", "me/tiny-phimoe-GGUF")
+    assert result.exit_code == 0, result.output
+    assert write_token not in result.output
+    local = downloaded("me/tiny-phimoe-GGUF", tmp_path)
+    m = mf.load(fresh)
+    for a in m.artifacts:
+        assert sha256(local / a.path) == a.sha256
+    assert (local / "README.md").read_text() == (fresh / "README.md").read_text()
+    assert json.loads((local / "manifest.json").read_text())["artifacts"] == json.loads(
+        (fresh / "manifest.json").read_text())["artifacts"]
+    assert [r for r in hub.requests if r[0] == "POST" and "/commit/" in r[1]]
+
+    # a second push finds everything on the Hub and uploads nothing
+    hub.requests.clear()
+    again = run("card", fresh, "--push", "--repo-id", "me/tiny-phimoe-GGUF", "--json")
+    assert again.exit_code == 0, again.output
+    data = json.loads(again.stdout)
+    assert {i["action"] for r in data["repos"] for i in r["items"]} == {"skip (same sha256 on the Hub)"}
+    assert not [r for r in hub.requests if r[0] in ("PUT",) or "/commit/" in r[1] or "/preupload/" in r[1]]
+
+
+def test_push_dry_run_uploads_nothing(hub, fresh, write_token):
+    hub.requests.clear()
+    result = run("card", fresh, "--push", "--repo-id", "me/dry-run-GGUF", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert f"{hub.url}/me/dry-run-GGUF" in result.stdout
+    for name in ("tiny-phimoe-F16.gguf", "tiny-phimoe-Q2_K.gguf", "README.md", "manifest.json"):
+        assert f"-> me/dry-run-GGUF/{name}" in result.stdout
+    assert "dry run: nothing uploaded" in result.stdout
+    assert not [r for r in hub.requests if r[0] in ("POST", "PUT")]
+    assert "me/dry-run-GGUF" not in hub.repos
+
+
+def test_push_splits_large_files_into_shards_that_load(hub, fresh, write_token, tmp_path):
+    result = run("card", fresh, "--push", "--repo-id", "me/tiny-split-GGUF", "--max-shard", "5MiB")
+    assert result.exit_code == 0, result.output
+    m = mf.load(fresh)
+    f16 = m.artifact("F16")
+    assert [s["path"] for s in f16.shards] == [f"F16/tiny-phimoe-F16-0000{i}-of-00006.gguf" for i in range(1, 7)]
+    assert not m.artifact("Q2_K").shards  # under the limit: uploaded whole
+    text = (fresh / "README.md").read_text()
+    for s in f16.shards:
+        assert f"| {s['path']} | F16 (" in text
+    local = downloaded("me/tiny-split-GGUF", tmp_path)
+    for s in f16.shards:
+        assert sha256(local / s["path"]) == s["sha256"]
+    assert generate(local / f16.shards[0]["path"]) == generate(fresh / f16.path)
+
+
+def test_push_per_quant_layout_links_siblings(hub, fresh, write_token, tmp_path):
+    result = run("card", fresh, "--push", "--repo-id", "me/tiny-pq", "--layout", "per-quant")
+    assert result.exit_code == 0, result.output
+    local = downloaded("me/tiny-pq-Q4_K_M", tmp_path)
+    text = (local / "README.md").read_text()
+    assert list(table(text)) == ["tiny-phimoe-Q4_K_M.gguf"]
+    for q in ("F16", "Q8_0", "Q2_K"):
+        assert f"- [{q}]({hub.url}/me/tiny-pq-{q})" in text
+        assert f"me/tiny-pq-{q}" in hub.repos
+
+
+def test_push_without_token(hub, fresh):
+    result = run("card", fresh, "--push", "--repo-id", "me/x-GGUF")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: no Hugging Face token is set (set HF_TOKEN or run `hf auth login` with a write token)")
+
+
+def test_push_without_write_access(hub, fresh, granted_token):
+    result = run("card", fresh, "--push", "--repo-id", "other-org/x-GGUF")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: no write access to other-org/x-GGUF with this token")
+    assert granted_token not in result.output
+
+
+def test_push_network_failure_mid_upload_then_rerun_continues(hub, fresh, write_token, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda seconds: None)  # skip the client's backoff
+    hub.puts_left = 1
+    try:
+        result = run("card", fresh, "--push", "--repo-id", "me/flaky-GGUF")
+    finally:
+        hub.puts_left = None
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "Error: the upload to me/flaky-GGUF failed midway (")
+    assert "run the same command again" in result.stderr
+    sent = len(hub.lfs.get("me/flaky-GGUF", {}))
+    hub.requests.clear()
+    again = run("card", fresh, "--push", "--repo-id", "me/flaky-GGUF")
+    assert again.exit_code == 0, again.output
+    puts = [r for r in hub.requests if r[0] == "PUT"]
+    assert sent >= 1 and len(puts) == 4 - sent, "objects uploaded before the failure were sent again"
+    m = mf.load(fresh)
+    assert {p: hub.repos["me/flaky-GGUF"].sha256(p) for p in (a.path for a in m.artifacts)} == {
+        a.path: a.sha256 for a in m.artifacts}
+
+
+def test_push_stops_when_the_lint_fails(hub, fresh, write_token, tmp_path):
+    template = tmp_path / "bad.md.j2"
+    template.write_text((Path(card.TEMPLATE)).read_text().replace("## Method", "<<<<<<< HEAD\n## Method"))
+    hub.requests.clear()
+    result = run("card", fresh, "--push", "--repo-id", "me/linted-GGUF", "--template", template)
+    assert result.exit_code == 1
+    assert "Error: card lint failed for README.md (1 problems; first: line" in result.stderr
+    assert not [r for r in hub.requests if r[0] in ("PUT",) or "/commit/" in r[1]]
+
+
+def test_push_manifest_without_artifacts(hub, fresh, write_token):
+    m = mf.load(fresh)
+    m.artifacts = []
+    mf.save(fresh, m)
+    result = run("card", fresh, "--push", "--repo-id", "me/empty-GGUF")
+    assert result.exit_code == 1
+    assert "lists no artifacts" in result.stderr
