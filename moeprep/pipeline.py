@@ -29,6 +29,14 @@ REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
+class ImatrixSpec:
+    text: Path  # calibration text
+    quants: list[str]  # the quants made with the imatrix
+    ctx: int = 512
+    chunks: int = 0
+
+
+@dataclass
 class PrepareResult:
     out: Path
     manifest: Manifest
@@ -73,9 +81,14 @@ def prepare(
     quants: list[str] | tuple[str, ...] = quantize_stage.DEFAULT_QUANTS,
     revision: str | None = None,
     nthread: int = 0,
+    imatrix: ImatrixSpec | None = None,
     status: Status = lambda line: None,
 ) -> PrepareResult:
-    quants = quantize_stage.check_types(list(quants))
+    quants = quantize_stage.check_types(list(quants), allow_imatrix=imatrix is not None)
+    if imatrix is not None:
+        imatrix.quants = quantize_stage.check_types(imatrix.quants, allow_imatrix=True)
+        if missing := [q for q in quants if q in quantize_stage.NEEDS_IMATRIX and q not in imatrix.quants]:
+            raise MoeprepError(f"{', '.join(missing)} need the importance matrix", "list them among the imatrix quants")
     local = Path(source)
     if local.is_dir():
         model_name = local.resolve().name
@@ -98,6 +111,7 @@ def prepare(
     model = convert_stage.read_source(folder)
     if src is None:
         src = download_stage.local_source(folder)
+    src.architecture = model.architecture
     planned = model.n_params * 2 + sum(quantize_stage.planned_size(model.n_params, q) for q in quants)
     old = mf.load_or_none(out)
     if old is None:
@@ -105,7 +119,7 @@ def prepare(
 
     manifest = Manifest(model=model_name, source=src, tools=versions(),
                         artifacts=old.artifacts if old else [], probe=old.probe if old else None,
-                        smoke=old.smoke if old else None)
+                        smoke=old.smoke if old else None, imatrix=old.imatrix if old else None)
     result = PrepareResult(out, manifest)
 
     fingerprint = mf.source_fingerprint(src.files)
@@ -127,18 +141,48 @@ def prepare(
     manifest.probe = report.to_dict()
     mf.save(out, manifest)
 
+    imat = _imatrix(out, manifest, f16, imatrix, status) if imatrix and imatrix.quants else None
     for q in quants:
         name = artifact_name(model_name, q)
         settings = {"ftype": q}
+        use = imat is not None and q in imatrix.quants
+        if use:
+            settings["imatrix"] = imat["sha256"]
         if up_to_date(out, manifest.artifact(q), f16.sha256, settings):
             result.kept.append(name)
             continue
-        status(f"quantizing {base} to {q}")
-        quantize_stage.quantize(out / base, out / name, q, nthread)
+        status(f"quantizing {base} to {q}" + (" with the importance matrix" if use else ""))
+        if use:
+            from . import imatrix as imatrix_stage
+
+            imatrix_stage.quantize(out / base, out / name, q, out / imat["path"], out / "logs" / f"quantize-{q}.log",
+                                   nthread)
+        else:
+            quantize_stage.quantize(out / base, out / name, q, nthread)
         manifest.put(record(out, out / name, q, "quantize", f16.sha256, settings))
         mf.save(out, manifest)
         result.made.append(name)
     return result
+
+
+def _imatrix(out: Path, manifest: Manifest, f16: Artifact, spec: ImatrixSpec, status: Status) -> dict:
+    """Compute the importance matrix from the F16 unless the recorded one is for the same F16, text and settings."""
+    from . import imatrix as imatrix_stage
+
+    text_sha = sha256_file(spec.text)
+    want = {"made_from": f16.sha256, "text": spec.text.name, "text_sha256": text_sha, "ctx": spec.ctx,
+            "chunks": spec.chunks}
+    old = manifest.imatrix
+    path = out / "imatrix.gguf"
+    if old and all(old.get(k) == v for k, v in want.items()) and path.is_file() and sha256_file(path) == old["sha256"]:
+        return old
+    status(f"computing the importance matrix on {spec.text.name}")
+    (out / "logs").mkdir(exist_ok=True)
+    imatrix_stage.compute(out / f16.path, spec.text, path, out / "logs" / "imatrix.log", spec.ctx, spec.chunks)
+    manifest.imatrix = {"path": path.name, "sha256": sha256_file(path), **want, "quants": spec.quants,
+                        "tool": imatrix_stage.version()}
+    mf.save(out, manifest)
+    return manifest.imatrix
 
 
 def _check_disk_for_download(snap: download_stage.RepoSnapshot, out: Path, quants: list[str], base: str) -> None:
@@ -163,10 +207,13 @@ def _check_disk_for_download(snap: download_stage.RepoSnapshot, out: Path, quant
         check_free_space(out, outputs, "the GGUF outputs")
 
 
-def quantize_file(src: Path, quants: list[str], nthread: int = 0, status: Status = lambda line: None) -> list[Artifact]:
+def quantize_file(src: Path, quants: list[str], nthread: int = 0, status: Status = lambda line: None,
+                  imatrix: Path | None = None) -> list[Artifact]:
     """The quantize stage alone: writes `<Model>-<QUANT>.gguf` beside `src`, recorded in its manifest if it has one."""
     src = Path(src)
-    quants = quantize_stage.check_types(quants)
+    quants = quantize_stage.check_types(quants, allow_imatrix=imatrix is not None)
+    if imatrix is not None and not Path(imatrix).is_file():
+        raise MoeprepError(f"importance matrix {imatrix} not found", "compute one with `moeprep imatrix`")
     probe_stage.probe(src)  # refuse a truncated or non-GGUF input with a clear message
     out = src.parent
     model = re.sub(r"-(F16|BF16|F32)$", "", src.stem, flags=re.IGNORECASE)
@@ -176,12 +223,18 @@ def quantize_file(src: Path, quants: list[str], nthread: int = 0, status: Status
     made = []
     for q in quants:
         dst = out / artifact_name(model, q)
-        settings = {"ftype": q}
+        settings = {"ftype": q} | ({"imatrix": sha256_file(imatrix)} if imatrix else {})
         if manifest and up_to_date(out, manifest.artifact(q), src_sha256, settings):
             made.append(manifest.artifact(q))
             continue
         status(f"quantizing {src.name} to {q}")
-        quantize_stage.quantize(src, dst, q, nthread)
+        if imatrix:
+            from . import imatrix as imatrix_stage
+
+            (out / "logs").mkdir(exist_ok=True)
+            imatrix_stage.quantize(src, dst, q, Path(imatrix), out / "logs" / f"quantize-{q}.log", nthread)
+        else:
+            quantize_stage.quantize(src, dst, q, nthread)
         artifact = record(out, dst, q, "quantize", src_sha256, settings)
         made.append(artifact)
         if manifest:

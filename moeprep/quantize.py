@@ -12,8 +12,8 @@ from .files import write_aside
 
 DEFAULT_QUANTS = ("Q8_0", "Q4_K_M", "Q2_K")
 
-# llama.cpp refuses these without an importance matrix (llama-quant.cpp), and libllama's C API
-# cannot be handed one, so they are refused here before any work starts.
+# llama.cpp refuses these without an importance matrix (llama-quant.cpp). libllama's C API cannot be
+# handed one (it takes a C++ map), so with an imatrix moeprep runs llama.cpp's llama-quantize instead.
 NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"}
 
 # Approximate bits per weight of whole files, for the free-disk check only (never reported as a size).
@@ -29,8 +29,8 @@ class QuantizeError(MoeprepError):
     pass
 
 
-def check_types(names: list[str] | tuple[str, ...]) -> list[str]:
-    """Normalise quant names and refuse unknown ones and those that need an importance matrix."""
+def check_types(names: list[str] | tuple[str, ...], allow_imatrix: bool = False) -> list[str]:
+    """Normalise quant names; refuse unknown ones, and those that need an importance matrix unless one is given."""
     from .libllama import file_types
 
     known = file_types()
@@ -39,10 +39,10 @@ def check_types(names: list[str] | tuple[str, ...]) -> list[str]:
         name = raw.upper()
         if name not in known:
             raise QuantizeError(f"unknown quant type {raw!r}", f"choose from {', '.join(known)}")
-        if name in NEEDS_IMATRIX:
+        if name in NEEDS_IMATRIX and not allow_imatrix:
             raise QuantizeError(
                 f"{name} needs an importance matrix, and llama.cpp refuses it without one",
-                "choose Q2_K or a larger type; importance-matrix quants are not built yet",
+                "give a calibration text with --imatrix-text (or an imatrix with --imatrix), or choose Q2_K or larger",
             )
         if name not in out:
             out.append(name)
