@@ -40,6 +40,12 @@ def json_option(fn):
     return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")(fn)
 
 
+def quant_options(fn):
+    fn = click.option("--threads", type=int, default=0, help="Quantizer threads (0: all cores).")(fn)
+    return click.option("--quant", "quants", multiple=True, metavar="TYPE",
+                        help="Quant to make; repeat for more. [default: Q8_0, Q4_K_M, Q2_K]")(fn)
+
+
 def emit(data, as_json: bool, human) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, default=_jsonable))
@@ -121,10 +127,8 @@ def download(source: str, revision: str | None, as_json: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory. [default: ./<Model>-GGUF]")
 @click.option("--outtype", type=click.Choice(["f16", "bf16", "f32"]), default="f16", show_default=True,
               help="Type of the converted file that the quants are made from.")
-@click.option("--quant", "quants", multiple=True, metavar="TYPE",
-              help="Quant to make; repeat for more. [default: Q8_0, Q4_K_M, Q2_K]")
+@quant_options
 @click.option("--revision", help="Hub branch, tag or commit. [default: main]")
-@click.option("--threads", type=int, default=0, help="Quantizer threads (0: all cores).")
 @click.option("--imatrix-text", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Calibration text: compute an importance matrix from the F16 and make every quant with it.")
 @json_option
@@ -158,9 +162,7 @@ def convert(source, out, outtype, quants, revision, threads, imatrix_text, as_js
 
 @main.command(cls=QuantHelpCommand)
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--quant", "quants", multiple=True, metavar="TYPE",
-              help="Quant to make; repeat for more. [default: Q8_0, Q4_K_M, Q2_K]")
-@click.option("--threads", type=int, default=0, help="Quantizer threads (0: all cores).")
+@quant_options
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (from `moeprep imatrix`).")
 @json_option
 def quantize(file: Path, quants, threads: int, imatrix: Path | None, as_json: bool) -> None:

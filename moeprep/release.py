@@ -118,7 +118,7 @@ def run(path: Path, *, stages: list[str] | None = None, out: Path | None = None,
                              imatrix=spec, status=status)
             for stage in ("download", "convert", "quantize"):
                 if stage in stages:
-                    did[stage] = "done"
+                    did[stage] = f"made {', '.join(result.made)}" if result.made else "up to date"
             did["files"] = {"made": result.made, "kept": result.kept}
         manifest = mf.load(out)
         if "probe" in stages:
@@ -154,9 +154,8 @@ def run(path: Path, *, stages: list[str] | None = None, out: Path | None = None,
                           base_model=r.card.base_model,
                           template=r.relative(r.card.template) if r.card.template else None, status=status)
             did["push"] = f"uploaded {pushed.uploaded} files" if pushed.uploaded else "up to date"
-    made = did.get("files", {}).get("made", [])
-    report["did_work"] = bool(made) or any(v == "done" or str(v).startswith("uploaded")
-                                           for k, v in did.items() if k not in ("files", "probe", "convert", "download", "quantize"))
+    report["did_work"] = any(not str(v).startswith(("up to date", "matches", "verified"))
+                             for k, v in did.items() if k != "files")
     return report
 
 
