@@ -111,6 +111,7 @@ def download(source: str, revision: str | None, as_json: bool) -> None:
 
     snap = stage.resolve(source, revision)
     status(f"{source}@{snap.revision} is commit {snap.commit}")
+    stage.check_cache_space(snap)
     folder, src = stage.download(snap)
     data = {"folder": str(folder), "source": dataclasses.asdict(src)}
 

@@ -126,6 +126,22 @@ def resolve(repo_id: str, revision: str | None = None) -> RepoSnapshot:
     return RepoSnapshot(repo_id, revision, info.sha, gated, files)
 
 
+def missing_bytes(snapshot: RepoSnapshot) -> int:
+    """Bytes of the snapshot not yet in the HF cache: what a download will write."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return sum(f.size for f in snapshot.files
+               if not isinstance(try_to_load_from_cache(snapshot.repo_id, f.path, revision=snapshot.commit), str))
+
+
+def check_cache_space(snapshot: RepoSnapshot) -> None:
+    from huggingface_hub import constants
+
+    from .files import check_free_space
+
+    check_free_space(Path(constants.HF_HUB_CACHE), missing_bytes(snapshot), f"the download of {snapshot.repo_id}")
+
+
 def download(snapshot: RepoSnapshot) -> tuple[Path, Source]:
     """Fetch the snapshot into the HF cache and verify every file; returns its folder and the Source record."""
     from huggingface_hub import snapshot_download

@@ -187,12 +187,9 @@ def _imatrix(out: Path, manifest: Manifest, f16: Artifact, spec: ImatrixSpec, st
 
 def _check_disk_for_download(snap: download_stage.RepoSnapshot, out: Path, quants: list[str], base: str) -> None:
     """Before any byte moves: room for what is not cached yet, and for the outputs."""
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants
 
-    missing = sum(
-        f.size for f in snap.files
-        if not isinstance(try_to_load_from_cache(snap.repo_id, f.path, revision=snap.commit), str)
-    )
+    missing = download_stage.missing_bytes(snap)
     weights = sum(f.size for f in snap.files if f.path.endswith(".safetensors"))
     n_params = weights // 2  # Hub checkpoints are bf16/f16; read_source counts exactly later
     outputs = n_params * 2 + sum(quantize_stage.planned_size(n_params, q) for q in quants)

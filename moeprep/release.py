@@ -107,7 +107,8 @@ def run(path: Path, *, stages: list[str] | None = None, out: Path | None = None,
     with locked(out):
         if stages == ["download"]:
             snap = download_stage.resolve(r.source.repo, r.source.revision)
-            folder, _ = download_stage.download(snap)
+            download_stage.check_cache_space(snap)
+            download_stage.download(snap)
             did["download"] = f"verified {len(snap.files)} files at {snap.commit}"
         elif {"download", "convert", "quantize"} & set(stages):
             spec = None

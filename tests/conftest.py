@@ -62,6 +62,7 @@ def hub(checkpoints, grin_checkpoint) -> HubServer:
         "some-org/tiny-mixtral": repo_from_folder(checkpoints["mixtral"]),
         "gated-org/tiny-gated": repo_from_folder(checkpoints["mixtral"], gated=True),
         "microsoft/GRIN-MoE": repo_from_folder(grin_checkpoint),
+        "some-org/tiny-dense": repo_from_folder(checkpoints["llama"]),  # never downloaded but by one test
     })
     liar = repo_from_folder(checkpoints["mixtral"])
     liar.advertised_sha256["model-00002-of-00002.safetensors"] = "0" * 64

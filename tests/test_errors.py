@@ -129,3 +129,12 @@ def test_errors_debug_shows_the_traceback(tmp_path):
     result = run("--debug", "probe", str(tmp_path / "missing.gguf"))
     assert result.exit_code == 1
     assert isinstance(result.exception, MoeprepError)
+
+
+def test_errors_not_enough_disk_for_a_download_alone(hub, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    hub.requests.clear()
+    line = one_line_error(run("download", "some-org/tiny-dense"))
+    assert line.startswith("Error: not enough free disk in ") and "for the download of some-org/tiny-dense" in line
+    assert not [r for r in hub.requests if "/resolve/" in r[1]], "bytes moved before the disk check"
