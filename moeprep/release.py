@@ -145,7 +145,7 @@ def run(path: Path, *, stages: list[str] | None = None, out: Path | None = None,
             before = readme.read_text(encoding="utf-8") if readme.is_file() else None
             card_stage.write(out, r.hub.repo_id, template=r.relative(r.card.template) if r.card.template else None,
                              quantized_by=r.card.quantized_by, base_model=r.card.base_model)
-            problems = card_stage.lint(readme)
+            problems = card_stage.lint(readme, check_files=False)  # push re-checks every file's sha256
             if problems:
                 raise MoeprepError(f"card lint failed: {problems[0]}", f"run `moeprep card {out} --check {readme}`")
             did["card"] = "up to date" if readme.read_text(encoding="utf-8") == before else "done"
