@@ -444,7 +444,7 @@ def card(directory, template, check, push, repo_id, private, dry_run, layout, ma
         emit({"card": str(check), "problems": problems}, as_json,
              lambda: [click.echo(p) for p in problems] or click.echo(f"{check}: no problems"))
         if problems:
-            raise MoeprepError(f"card lint failed: {len(problems)} problems in {check}", "fix them, or render the card again")
+            raise MoeprepError(f"card lint failed: {len(problems)} problem{'s' * (len(problems) != 1)} in {check}", "fix them, or render the card again")
         return
     if directory is None:
         raise MoeprepError("no output directory given", "moeprep card DIR, or moeprep card --check FILE")

@@ -170,7 +170,8 @@ def push(out: Path, repo_id: str, *, private: bool = False, dry_run: bool = Fals
         card_path.write_text(text, encoding="utf-8")
         problems = card_stage.lint(card_path, m)
         if problems:
-            raise MoeprepError(f"card lint failed for {card_path.name} ({len(problems)} problems; first: {problems[0]})",
+            raise MoeprepError(f"card lint failed for {card_path.name} ({len(problems)} problem{'s' * (len(problems) != 1)}; "
+                               f"first: {problems[0]})",
                                f"run `moeprep card {out} --check {card_path}` to see them all; nothing was pushed")
         files = [(card_path, "README.md", None), (mf.path_in(out), "manifest.json", None)]
         if (out / card_stage.PLOT).is_file():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 _HOME = Path(tempfile.mkdtemp(prefix="moeprep-tests-"))
-for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "HF_HUB_CACHE"):
     os.environ.pop(var, None)
 os.environ["HF_HOME"] = str(_HOME / "hf")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"

@@ -313,7 +313,7 @@ def test_push_stops_when_the_lint_fails(hub, fresh, write_token, tmp_path):
     hub.requests.clear()
     result = run("card", fresh, "--push", "--repo-id", "me/linted-GGUF", "--template", template)
     assert result.exit_code == 1
-    assert "Error: card lint failed for README.md (1 problems; first: line" in result.stderr
+    assert "Error: card lint failed for README.md (1 problem; first: line" in result.stderr
     assert not [r for r in hub.requests if r[0] in ("PUT",) or "/commit/" in r[1]]
 
 
