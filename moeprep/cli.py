@@ -483,13 +483,13 @@ def doctor(as_json: bool) -> None:
       moeprep doctor --json
     """
     from .gpu import hardware, nvml
-    from .libllama import devices
+    from .libllama import backends, devices
     from .tools import gguf_origin, versions
 
     source, nvml_status = nvml()
     devs = devices()
     data = {
-        "backends": sorted({d["name"].rstrip("0123456789") for d in devs}),
+        "backends": backends(devs),
         "devices": devs,
         "nvml": nvml_status,
         "hardware": hardware(source),

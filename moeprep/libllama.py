@@ -140,3 +140,8 @@ def devices() -> list[dict]:
             "memory_total": total.value,
         })
     return out
+
+
+def backends(devs: list[dict] | None = None) -> list[str]:
+    """Backend names without device numbers: ["CPU"], ["CUDA"], ..."""
+    return sorted({d["name"].rstrip("0123456789") for d in (devs if devs is not None else devices())})

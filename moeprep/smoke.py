@@ -18,7 +18,7 @@ from pathlib import Path
 from . import gpu
 from .demo import TEXT
 from .errors import MoeprepError
-from .probe import CPU_MOE_PATTERN, n_cpu_moe_patterns
+from .probe import CPU_MOE_PATTERN, n_cpu_moe_patterns, probe
 
 PROMPT = "A mixture of experts routes every token to a few of many feed-forward networks, so"
 QUALITY_TOKENS = 384  # positions compared against the F16 reference: a few hundred, as llama-perplexity --kl-divergence does per chunk
@@ -268,8 +268,6 @@ def greedy_agreement(a: list[int], b: list[int]) -> dict:
 def smoke_file(target: Target, placements: list[Placement], settings: Settings, nvml: gpu.Nvml | None,
                reference: dict | None, status=lambda line: None) -> dict:
     """All measurements of one GGUF. `reference` holds the F16's logits and greedy tokens, if any."""
-    from .probe import probe
-
     report = probe(target.path, n_values=[int(p.name.split("=")[1]) for p in placements if p.name.startswith("n-cpu-moe=")])
     result = {"path": target.path.name, "quant": target.quant or report.file_type, "sha256": target.sha256,
               "placements": {}, "quality": None, "greedy_agreement": None, "failures": []}
@@ -325,7 +323,7 @@ def run(target: Path, placements: list[Placement] | None = None, settings: Setti
     from datetime import datetime, timezone
 
     from . import manifest as mf
-    from .libllama import devices
+    from .libllama import backends, devices
     from .tools import versions
 
     settings = settings or Settings()
@@ -348,7 +346,7 @@ def run(target: Path, placements: list[Placement] | None = None, settings: Setti
         reference = out / base.path if base else None
 
     nvml, nvml_status = gpu.nvml()
-    backend = sorted({d["name"].rstrip("0123456789") for d in devices() if d["type"] != "CPU"}) or ["CPU"]
+    backend = backends([d for d in devices() if d["type"] != "CPU"]) or ["CPU"]
     ref = None
     if reference is not None:
         status(f"reference: {reference.name}")
