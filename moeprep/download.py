@@ -11,7 +11,7 @@ import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import progress
+from . import hub, progress
 from .errors import HubError, IntegrityError, MoeprepError
 from .files import git_blob_sha1, sha256_file
 from .manifest import Source, SourceFile
@@ -64,49 +64,16 @@ class RepoSnapshot:
         return sum(f.size for f in self.files)
 
 
-def _hub_error(e: Exception, repo_id: str, revision: str) -> MoeprepError:
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    url = f"{constants.ENDPOINT}/{repo_id}"
-    if isinstance(e, GatedRepoError):
-        return HubError(
-            f"{repo_id} is a gated repo and this token has no access to it",
-            f"accept its terms at {url}, then set HF_TOKEN or run `hf auth login`",
-        )
-    if isinstance(e, RepositoryNotFoundError):
-        return HubError(
-            f"repo {repo_id} not found on {constants.ENDPOINT}",
-            "check the id; if it is private, set HF_TOKEN to a token that can read it",
-        )
-    if isinstance(e, RevisionNotFoundError):
-        return HubError(f"revision {revision!r} not found in {repo_id}", f"see the branches and tags at {url}")
-    if isinstance(e, OfflineModeIsEnabled):
-        return HubError("HF_HUB_OFFLINE is set, so the Hub cannot be asked", "unset it, or convert a local directory")
-    if isinstance(e, HfHubHTTPError):
-        status = e.response.status_code if e.response is not None else "?"
-        return HubError(f"the Hub answered {status} for {repo_id}", "try again later; --debug shows the response")
-    return HubError(
-        f"cannot reach the Hub at {constants.ENDPOINT} ({type(e).__name__})",
-        "check the network, or HF_ENDPOINT if you set it",
-    )
-
-
 def resolve(repo_id: str, revision: str | None = None) -> RepoSnapshot:
     """Ask the Hub which commit `revision` is and which files (with sizes and hashes) it holds."""
     from huggingface_hub import HfApi, constants, get_token
 
     revision = revision or "main"
+    hub.check_repo_id(repo_id)
     try:
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
     except Exception as e:
-        raise _hub_error(e, repo_id, revision) from e
+        raise hub.error(e, repo_id, revision=revision) from e
     files = [
         RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None, s.blob_id)
         for s in info.siblings or []
@@ -126,12 +93,16 @@ def resolve(repo_id: str, revision: str | None = None) -> RepoSnapshot:
     return RepoSnapshot(repo_id, revision, info.sha, gated, files)
 
 
-def missing_bytes(snapshot: RepoSnapshot) -> int:
-    """Bytes of the snapshot not yet in the HF cache: what a download will write."""
+def missing(snapshot: RepoSnapshot) -> list[RemoteFile]:
+    """Files of the snapshot not yet in the HF cache: what a download will fetch."""
     from huggingface_hub import try_to_load_from_cache
 
-    return sum(f.size for f in snapshot.files
-               if not isinstance(try_to_load_from_cache(snapshot.repo_id, f.path, revision=snapshot.commit), str))
+    return [f for f in snapshot.files
+            if not isinstance(try_to_load_from_cache(snapshot.repo_id, f.path, revision=snapshot.commit), str)]
+
+
+def missing_bytes(snapshot: RepoSnapshot) -> int:
+    return sum(f.size for f in missing(snapshot))
 
 
 def check_cache_space(snapshot: RepoSnapshot) -> None:
@@ -140,6 +111,21 @@ def check_cache_space(snapshot: RepoSnapshot) -> None:
     from .files import check_free_space
 
     check_free_space(Path(constants.HF_HUB_CACHE), missing_bytes(snapshot), f"the download of {snapshot.repo_id}")
+
+
+def fetch_config(snapshot: RepoSnapshot) -> Path:
+    """config.json alone, verified, so the architecture is checked before 80 GB of weights move."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = Path(hf_hub_download(snapshot.repo_id, "config.json", revision=snapshot.commit))
+    except Exception as e:
+        raise hub.error(e, snapshot.repo_id, revision=snapshot.revision) from e
+    remote = next((f for f in snapshot.files if f.path == "config.json"), None)
+    if remote and remote.blob_id and git_blob_sha1(path) != remote.blob_id:
+        raise IntegrityError(f"{snapshot.repo_id}/config.json does not match the git blob id the Hub advertises",
+                             "delete it from the HF cache (`hf cache delete`) and download again")
+    return path
 
 
 def download(snapshot: RepoSnapshot) -> tuple[Path, Source]:
@@ -158,10 +144,18 @@ def download(snapshot: RepoSnapshot) -> tuple[Path, Source]:
             )
         )
     except Exception as e:
-        raise _hub_error(e, snapshot.repo_id, snapshot.revision) from e
+        raise hub.error(e, snapshot.repo_id, revision=snapshot.revision) from e
     files = verify(folder, snapshot)
     source = Source(snapshot.repo_id, "hub", snapshot.revision, snapshot.commit, files)
     return folder, source
+
+
+def fetch(repo_id: str, revision: str | None = None, status=lambda line: None) -> tuple[Path, Source]:
+    """`moeprep download`: resolve, check the cache has room, download, verify."""
+    snap = resolve(repo_id, revision)
+    status(f"{repo_id}@{snap.revision} is commit {snap.commit}")
+    check_cache_space(snap)
+    return download(snap)
 
 
 def verify(folder: Path, snapshot: RepoSnapshot) -> list[SourceFile]:

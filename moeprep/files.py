@@ -6,6 +6,7 @@ killed run never leaves a file that looks finished.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -44,14 +45,28 @@ def partial_path(path: Path) -> Path:
 
 
 @contextmanager
-def write_aside(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+def write_aside(path: Path, expected: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
+
+    A `.partial` left by a killed run is never reused: nothing proves it complete, so it is written
+    again. When the block fails on a disk that is full (or too full for `expected` bytes), the error
+    says so, naming the path, the bytes needed and the bytes free.
+    """
     tmp = partial_path(path)
     tmp.unlink(missing_ok=True)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        if full or (expected and free + written < expected):
+            raise MoeprepError(
+                f"the disk filled up while writing {path}: about {human_bytes(expected or written)} needed, "
+                f"{human_bytes(free)} free", "free some space, then run the same command again") from e
         raise
     os.replace(tmp, path)
 

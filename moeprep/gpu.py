@@ -11,6 +11,8 @@ import platform
 import threading
 from dataclasses import dataclass
 
+from .results import GpuInfo, Hardware
+
 MIB = 1024 * 1024
 
 
@@ -20,7 +22,7 @@ class Nvml:
 
     nv: object
 
-    def gpus(self) -> list[dict]:
+    def gpus(self) -> list[GpuInfo]:
         nv = self.nv
         driver = _text(nv.nvmlSystemGetDriverVersion())
         cuda = nv.nvmlSystemGetCudaDriverVersion()
@@ -28,14 +30,14 @@ class Nvml:
         for i in range(nv.nvmlDeviceGetCount()):
             handle = nv.nvmlDeviceGetHandleByIndex(i)
             mem = nv.nvmlDeviceGetMemoryInfo(handle)
-            out.append({
-                "index": i,
-                "name": _text(nv.nvmlDeviceGetName(handle)),
-                "memory_total_mib": round(mem.total / MIB, 1),
-                "memory_used_mib": round(mem.used / MIB, 1),
-                "driver": driver,
-                "cuda": f"{cuda // 1000}.{cuda % 1000 // 10}",
-            })
+            out.append(GpuInfo(
+                index=i,
+                name=_text(nv.nvmlDeviceGetName(handle)),
+                memory_total_mib=round(mem.total / MIB, 1),
+                memory_used_mib=round(mem.used / MIB, 1),
+                driver=driver,
+                cuda=f"{cuda // 1000}.{cuda % 1000 // 10}",
+            ))
         return out
 
     def used_mib(self, index: int = 0) -> float:
@@ -83,6 +85,17 @@ class PeakWatch:
         self.peak_mib = max(self.peak_mib, self.source.used_mib(self.index))
 
 
+def report() -> dict:
+    """What `moeprep doctor` shows: llama.cpp's devices and backends, NVML, hardware and versions."""
+    from .libllama import backends, devices
+    from .tools import gguf_origin, versions
+
+    source, status = nvml()
+    devs = devices()
+    return {"backends": backends(devs), "devices": devs, "nvml": status, "hardware": hardware(source),
+            "tools": versions(), "gguf": gguf_origin()}
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -94,12 +107,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def hardware(source: Nvml | None) -> dict:
+def hardware(source: Nvml | None) -> Hardware:
     pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    return {
-        "cpu": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "ram_gib": round(pages * os.sysconf("SC_PAGE_SIZE") / 1024**3, 1) if pages else None,
-        "gpus": source.gpus() if source else [],
-        "os": platform.platform(),
-    }
+    return Hardware(
+        cpu=cpu_model(),
+        cpu_cores=os.cpu_count(),
+        ram_gib=round(pages * os.sysconf("SC_PAGE_SIZE") / 1024**3, 1) if pages else None,
+        gpus=source.gpus() if source else [],
+        os=platform.platform(),
+    )

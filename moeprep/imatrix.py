@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import time
 from pathlib import Path
 
-from . import progress
+from . import child, progress
 from .errors import MoeprepError
 from .files import write_aside
+from .manifest import ImatrixRecord
 
 
 class ToolError(MoeprepError):
@@ -46,11 +45,8 @@ def _run(name: str, args: list[str], log_path: Path, what: str) -> None:
     env = dict(os.environ, LD_LIBRARY_PATH=f"{exe.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}")
     env.pop("HF_TOKEN", None)
     with open(log_path, "w", encoding="utf-8") as log, progress.bar(what, None, unit="s") as bar:
-        proc = subprocess.Popen([str(exe), *args], stdout=log, stderr=subprocess.STDOUT, env=env)
-        while proc.poll() is None:
-            time.sleep(0.5)
-            bar.update(0.5)
-    if proc.returncode != 0:
+        rc = child.run([str(exe), *args], log=log, env=env, tick=lambda: bar.update(0.5))
+    if rc != 0:
         text = log_path.read_text(encoding="utf-8", errors="replace")
         lines = [line for line in text.splitlines() if re.search(r"error|failed|cannot", line, re.IGNORECASE)]
         raise ToolError(f"{name} failed: {(lines or text.splitlines() or ['no output'])[-1].strip()}",
@@ -72,6 +68,17 @@ def compute(model: Path, text: Path, out: Path, log_path: Path, ctx: int = 512, 
             if not written:
                 raise ToolError("llama-imatrix wrote no file", f"see {log_path}")
             written[0].replace(tmp)
+
+
+def make(model: Path, text: Path, out: Path, ctx: int = 512, chunks: int = 0) -> ImatrixRecord:
+    """`moeprep imatrix`: compute it, and describe it as the manifest records one."""
+    from .files import sha256_file
+    from .probe import read
+
+    read(model)  # a missing, truncated or non-GGUF model is refused here, not by llama-imatrix's "failed to init"
+    compute(model, text, out, out.with_name(out.stem + ".log"), ctx, chunks)
+    return ImatrixRecord(out.name, sha256_file(out), sha256_file(model), text.name, sha256_file(text), ctx, chunks,
+                         [], version())
 
 
 def quantize(src: Path, dst: Path, name: str, imatrix: Path, log_path: Path, nthread: int = 0) -> None:

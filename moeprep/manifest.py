@@ -1,19 +1,26 @@
 """The manifest: one JSON file per output directory, the record every later stage builds on.
 
-It is rewritten atomically after each completed step, so a killed run leaves the last good state.
+Every record in it is a dataclass; pydantic's TypeAdapter turns the whole tree into the documented
+JSON and back, checking types on the way in. It is rewritten atomically after each completed step,
+so a killed run leaves the last good state.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cache
 from pathlib import Path
 
 from .errors import MoeprepError
 from .files import write_json
+from .probe import ProbeReport
+from .results import FileResult, SmokeReport
 
-FORMAT = "moeprep.manifest/1"
+FORMAT = "moeprep.manifest/2"
+FORMAT_V1 = "moeprep.manifest/1"  # read and upgraded on load
 FILENAME = "manifest.json"
 
 
@@ -33,6 +40,29 @@ class Source:
     files: list[SourceFile] = field(default_factory=list)
     architecture: str | None = None  # config.json's architectures[0]
 
+    def fingerprint(self) -> str:
+        """One sha256 naming the exact set of input files, so an F16 records what it was made from."""
+        lines = "".join(f"{f.sha256}  {f.path}\n" for f in sorted(self.files, key=lambda f: f.path))
+        return hashlib.sha256(lines.encode()).hexdigest()
+
+
+@dataclass
+class ArtifactSettings:
+    """What, besides its input, decides an artifact's bytes: a change means it must be made again."""
+
+    outtype: str | None = None  # convert: f16, bf16, f32
+    ftype: str | None = None  # quantize: llama.cpp file type name
+    imatrix: str | None = None  # sha256 of the importance matrix used, if any
+
+
+@dataclass
+class Shard:
+    path: str  # relative to the manifest, e.g. Q4_K_M/<name>-00001-of-00003.gguf
+    size: int
+    sha256: str
+    made_from: str | None = None  # sha256 of the artifact it was split from
+    max_bytes: int | None = None
+
 
 @dataclass
 class Artifact:
@@ -42,50 +72,137 @@ class Artifact:
     sha256: str
     stage: str  # "convert" or "quantize"
     made_from: str  # sha256 of the input: the source fingerprint, or the F16 file
-    settings: dict = field(default_factory=dict)
-    shards: list[dict] = field(default_factory=list)  # [{path, size, sha256}] when split for upload
+    settings: ArtifactSettings = field(default_factory=ArtifactSettings)
+    shards: list[Shard] = field(default_factory=list)  # when split for upload
+    probe: ProbeReport | None = None  # `moeprep probe` of this file
+
+    def upload_files(self) -> list[tuple[str, int, str, str]]:
+        """(path, size, sha256, label) of every file this artifact is uploaded as."""
+        label = self.quant + (" (imatrix)" if self.settings.imatrix else "")
+        if self.shards:
+            n = len(self.shards)
+            return [(s.path, s.size, s.sha256, f"{label} ({i}/{n})") for i, s in enumerate(self.shards, 1)]
+        return [(self.path, self.size, self.sha256, label)]
+
+
+@dataclass
+class ImatrixRecord:
+    path: str
+    sha256: str
+    made_from: str  # sha256 of the F16
+    text: str  # calibration text, by name
+    text_sha256: str
+    ctx: int
+    chunks: int
+    quants: list[str]
+    tool: str
 
 
 @dataclass
 class Manifest:
     model: str
     source: Source
-    tools: dict = field(default_factory=dict)
+    tools: dict[str, str | bool | None] = field(default_factory=dict)
     artifacts: list[Artifact] = field(default_factory=list)
-    probe: dict | None = None
-    smoke: dict | None = None  # `moeprep smoke`'s report: hardware, versions, settings, per-artifact results
-    imatrix: dict | None = None  # the importance matrix: file, sha256, calibration text and its sha256
+    smoke: SmokeReport | None = None
+    imatrix: ImatrixRecord | None = None
     format: str = FORMAT
     updated: str = ""
 
     def artifact(self, quant: str) -> Artifact | None:
         return next((a for a in self.artifacts if a.quant == quant), None)
 
+    def artifact_at(self, path: str | Path) -> Artifact | None:
+        """The artifact recorded for a file name (or a path relative to the manifest)."""
+        name = str(path)
+        return next((a for a in self.artifacts if a.path == name), None)
+
+    @property
+    def base(self) -> Artifact | None:
+        """The converted file every quant is made from."""
+        return next((a for a in self.artifacts if a.stage == "convert"), None)
+
+    @property
+    def probe(self) -> ProbeReport | None:
+        """The converted file's probe: the model's architecture facts."""
+        return self.base.probe if self.base else None
+
     def put(self, artifact: Artifact) -> None:
         self.artifacts = [a for a in self.artifacts if a.quant != artifact.quant] + [artifact]
 
+    def chain_problems(self) -> list[str]:
+        """Artifacts that do not chain to the current source: the F16 made from these inputs, the quants from it."""
+        base = self.base
+        if base is None:
+            return ["no converted file is recorded"] if self.artifacts else []
+        problems = []
+        if base.made_from != self.source.fingerprint():
+            problems.append(f"{base.path} was made from other inputs than the source the manifest lists")
+        for a in self.artifacts:
+            if a is not base and (a.stage == "convert" or a.made_from != base.sha256):
+                problems.append(f"{a.path} was not made from the current {base.path}")
+        return problems
+
+    def remove(self, artifact: Artifact) -> None:
+        """Forget an artifact, and any smoke result recorded for its path."""
+        self.artifacts = [a for a in self.artifacts if a is not artifact]
+        if self.smoke is not None:
+            self.smoke.artifacts.pop(artifact.path, None)
+
+    def smoke_result(self, artifact: Artifact) -> FileResult | None:
+        """The recorded smoke of exactly these bytes; a result for other bytes counts for nothing."""
+        entry = self.smoke.artifacts.get(artifact.path) if self.smoke else None
+        return entry if entry is not None and entry.sha256 == artifact.sha256 else None
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return _adapter().dump_python(self, mode="json")
 
     @classmethod
-    def from_dict(cls, data: dict) -> Manifest:
+    def from_dict(cls, data: object) -> Manifest:
+        from pydantic import ValidationError
+
+        if not isinstance(data, dict):
+            raise MoeprepError(f"a manifest must be a JSON object, not {type(data).__name__}",
+                               "convert again into a fresh directory")
+        if data.get("format") == FORMAT_V1:
+            data = _upgrade_v1(data)
         if data.get("format") != FORMAT:
-            raise MoeprepError(
-                f"unsupported manifest format {data.get('format')!r} (this moeprep reads {FORMAT})",
-                "convert again into a fresh directory",
-            )
-        src = data["source"]
-        known = {f.name for f in fields(Artifact)}
-        return cls(
-            model=data["model"],
-            source=Source(**{**src, "files": [SourceFile(**f) for f in src.get("files", [])]}),
-            tools=data.get("tools", {}),
-            artifacts=[Artifact(**{k: v for k, v in a.items() if k in known}) for a in data.get("artifacts", [])],
-            probe=data.get("probe"),
-            smoke=data.get("smoke"),
-            imatrix=data.get("imatrix"),
-            updated=data.get("updated", ""),
-        )
+            raise MoeprepError(f"unsupported manifest format {data.get('format')!r} (this moeprep reads {FORMAT})",
+                               "convert again into a fresh directory")
+        try:
+            return _adapter().validate_python(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise MoeprepError(f"not a valid moeprep manifest: {where}: {first['msg']}",
+                               "convert again into a fresh directory") from e
+
+
+@cache
+def _adapter():
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Manifest)
+
+
+def _upgrade_v1(data: dict) -> dict:
+    """Format 1 kept one probe for the whole directory and named two keys `from`."""
+    data = json.loads(json.dumps(data))
+    probe = data.pop("probe", None)
+    for a in data.get("artifacts", []):
+        if a.get("stage") == "convert" and probe:
+            a["probe"] = probe
+        for s in a.get("shards", []):
+            s["made_from"] = s.pop("from", None)
+    for result in ((data.get("smoke") or {}).get("artifacts") or {}).values():
+        for placement in (result.get("placements") or {}).values():
+            for b in placement.get("buffers", []):
+                b["source"] = b.pop("from", "")
+    imatrix = data.get("imatrix")
+    if imatrix is not None and "made_from" not in imatrix:
+        data["imatrix"] = None  # format 1 could not say which F16 it came from: make it again
+    data["format"] = FORMAT
+    return data
 
 
 def path_in(directory: Path) -> Path:
@@ -95,34 +212,33 @@ def path_in(directory: Path) -> Path:
 def load(directory: Path) -> Manifest:
     path = path_in(directory)
     try:
-        return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise MoeprepError(f"no manifest at {path}", "run `moeprep convert` into that directory first") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise MoeprepError(f"{path} is not a valid moeprep manifest ({e})", "convert again into a fresh directory") from e
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        raise MoeprepError(f"cannot read {path} ({e.strerror})", "give an output directory of `moeprep convert`") from None
+    try:
+        return Manifest.from_dict(json.loads(text))
+    except json.JSONDecodeError as e:
+        raise MoeprepError(f"{path} is not valid JSON ({e})", "convert again into a fresh directory") from e
+    except MoeprepError as e:
+        raise MoeprepError(f"{path}: {e.message}", e.hint) from e
 
 
 def load_or_none(directory: Path) -> Manifest | None:
-    return load(directory) if path_in(directory).exists() else None
+    return load(directory) if path_in(directory).is_file() else None
 
 
 def save(directory: Path, manifest: Manifest) -> None:
     """Write the manifest, unless nothing but the timestamp would change (a rerun with no work leaves it be)."""
     path = path_in(directory)
-    if path.exists():
+    data = manifest.to_dict()
+    if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             old = None
-        if old is not None and {**old, "updated": ""} == {**manifest.to_dict(), "updated": ""}:
+        if isinstance(old, dict) and {**old, "updated": ""} == {**data, "updated": ""}:
             return
     manifest.updated = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    write_json(path, manifest.to_dict())
-
-
-def source_fingerprint(files: list[SourceFile]) -> str:
-    """One sha256 naming the exact set of input files, so an F16 records what it was made from."""
-    import hashlib
-
-    lines = "".join(f"{f.sha256}  {f.path}\n" for f in sorted(files, key=lambda f: f.path))
-    return hashlib.sha256(lines.encode()).hexdigest()
+    write_json(path, {**data, "updated": manifest.updated})

@@ -9,101 +9,99 @@ measured where a GPU smoke recorded it.
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MoeprepError
-from .probe import _field, _read, probe
+from . import manifest as mf
+from .placement import Placement as Spec
+from .probe import ProbeReport, probe
+from .results import FileResult
 
-_SIZE = re.compile(r"^\s*([\d.]+)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-
-
-def parse_size(text: str) -> int:
-    m = _SIZE.match(text)
-    if not m:
-        raise MoeprepError(f"cannot read {text!r} as a size", "write it like 24GiB, 16GB or 8000MiB")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+COMPUTE_NOT_INCLUDED = "not included (depends on backend and n_ubatch; see measured values where a GPU smoke exists)"
 
 
-def kv_cache_bytes(path: Path, ctx: int) -> tuple[int, str]:
-    reader = _read(Path(path))
-    arch = str(_field(reader, "general.architecture"))
-
-    def key(name, default=None):
-        value = _field(reader, f"{arch}.{name}", default)
-        if isinstance(value, list):  # per-layer arrays: take the largest, an upper bound
-            return max(value) if value else default
-        return value
-
-    layers = int(key("block_count", 0))
-    lora = key("attention.kv_lora_rank")
-    if lora:
-        rope = int(key("rope.dimension_count", 0))
-        per_token = layers * (int(lora) + rope) * 2
-        return ctx * per_token, f"MLA latent cache: ctx {ctx} x {layers} layers x (kv_lora_rank {lora} + rope {rope}) x 2 bytes"
-    heads = int(key("attention.head_count", 1))
-    kv_heads = int(key("attention.head_count_kv", heads))
-    embd = int(key("embedding_length", 0))
-    k_len = int(key("attention.key_length", embd // heads if heads else 0))
-    v_len = int(key("attention.value_length", k_len))
+def kv_cache_bytes(report: ProbeReport, ctx: int) -> tuple[int, str]:
+    a = report.attention
+    layers = report.block_count
+    if a.kv_lora_rank:
+        rope = a.rope_dimension_count or 0
+        per_token = layers * (a.kv_lora_rank + rope) * 2
+        return ctx * per_token, (f"MLA latent cache: ctx {ctx} x {layers} layers x (kv_lora_rank {a.kv_lora_rank} "
+                                 f"+ rope {rope}) x 2 bytes")
+    heads = a.head_count or 1
+    kv_heads = a.head_count_kv or heads
+    k_len = a.key_length or ((report.embedding_length or 0) // heads)
+    v_len = a.value_length or k_len
     method = f"f16 cache: ctx {ctx} x {layers} layers x {kv_heads} KV heads x (K {k_len} + V {v_len}) x 2 bytes"
-    window = key("attention.sliding_window")
-    if window and int(window) < ctx:
-        method += f"; sliding-window layers (window {window}) counted at full context, an upper bound"
+    if a.sliding_window and a.sliding_window < ctx:
+        method += f"; sliding-window layers (window {a.sliding_window}) counted at full context, an upper bound"
     return ctx * layers * kv_heads * (k_len + v_len) * 2, method
 
 
-def measured_gpu(smoke: dict | None, file: str, sha256: str | None) -> dict:
-    """GPU buffer totals from a recorded smoke of this exact file, per placement (CUDA0 etc., not CUDA_Host)."""
-    entry = (smoke or {}).get("artifacts", {}).get(file)
-    if not entry or (sha256 and entry.get("sha256") and entry["sha256"] != sha256):
-        return {}
-    out = {}
-    for name, placement in entry.get("placements", {}).items():
-        gpu_buffers = [b for b in placement.get("buffers", [])
-                       if not b["device"].startswith("CPU") and not b["device"].endswith("_Host")]
-        if gpu_buffers:
-            out[name] = {kind: sum(b["mib"] for b in gpu_buffers if b["kind"] == kind) * 2**20
-                         for kind in ("model", "KV", "compute")}
-    return out
+@dataclass
+class Measured:
+    """llama.cpp's GPU buffers from a recorded smoke of the same bytes."""
+
+    model: float
+    kv: float
+    compute: float
 
 
-def plan(path: Path, ctx: int = 4096, vram: int | None = None, smoke: dict | None = None,
-         sha256: str | None = None) -> dict:
-    path = Path(path)
-    report = probe(path)
-    kv, kv_method = kv_cache_bytes(path, ctx)
-    measured = measured_gpu(smoke, path.name, sha256)
-    rows = []
+@dataclass
+class PlanRow:
+    placement: str
+    weights_on_gpu: int
+    kv_cache: int
+    predicted_total: int
+    fits: bool | None
+    measured: Measured | None = None
+    weights_error_pct: float | None = None
+
+
+@dataclass
+class Plan:
+    file: str
+    ctx: int
+    vram: int | None
+    weights_total: int
+    token_embd_on_cpu: int
+    kv_cache_method: str
+    is_moe: bool
+    rows: list[PlanRow] = field(default_factory=list)
+    recommended: str | None = None
+    kind: str = "prediction"
+    compute_buffer: str = COMPUTE_NOT_INCLUDED
+
+
+def predict(report: ProbeReport, ctx: int = 4096, vram: int | None = None, smoke: FileResult | None = None) -> Plan:
+    """The plan for a probed file; `smoke` is a recorded smoke of exactly that file, if any."""
+    kv, kv_method = kv_cache_bytes(report, ctx)
+    plan = Plan(report.file, ctx, vram, report.bytes["total"], report.bytes["input_layer"], kv_method, report.is_moe)
     for p in report.placements:
-        weights = p.bytes_on_gpu
-        row = {"placement": p.name, "weights_on_gpu": weights, "kv_cache": kv, "predicted_total": weights + kv,
-               "fits": (weights + kv <= vram) if vram else None}
-        if p.name in measured:
-            m = measured[p.name]
-            row["measured"] = m
-            row["weights_error_pct"] = 100 * (weights - m["model"]) / m["model"] if m["model"] else None
-        rows.append(row)
-    choice = None
+        row = PlanRow(p.name, p.bytes_on_gpu, kv, p.bytes_on_gpu + kv, (p.bytes_on_gpu + kv <= vram) if vram else None)
+        measured = smoke.placements.get(p.name) if smoke else None
+        gpu = measured.gpu_bytes() if measured else {}
+        if gpu:
+            row.measured = Measured(gpu["model"], gpu["KV"], gpu["compute"])
+            row.weights_error_pct = 100 * (row.weights_on_gpu - gpu["model"]) / gpu["model"] if gpu["model"] else None
+        plan.rows.append(row)
     if vram:
-        fitting = [r for r in rows if r["fits"]]
-        # Prefer everything on the GPU, then the fewest blocks' experts on the CPU, then all experts.
-        order = {"gpu": -1, "cpu-moe": 10**9}
-        fitting.sort(key=lambda r: order.get(r["placement"], int(r["placement"].split("=")[-1]) if "=" in r["placement"] else 0))
-        choice = fitting[0]["placement"] if fitting else None
-    return {
-        "file": path.name,
-        "kind": "prediction",
-        "ctx": ctx,
-        "vram": vram,
-        "weights_total": report.bytes["total"],
-        "token_embd_on_cpu": report.bytes["input_layer"],
-        "kv_cache_method": kv_method,
-        "compute_buffer": "not included (depends on backend and n_ubatch; see measured values where a GPU smoke exists)",
-        "placements": rows,
-        "recommended": choice,
-        "is_moe": report.is_moe,
-    }
+        fitting = sorted((r for r in plan.rows if r.fits), key=lambda r: Spec(r.placement).order)
+        plan.recommended = fitting[0].placement if fitting else None
+    return plan
 
+
+def plan_file(path: Path, ctx: int = 4096, vram: int | None = None) -> Plan:
+    """Plan a GGUF file; where its directory's manifest records it, use that probe and any GPU smoke of it."""
+    path = Path(path)
+    manifest = mf.load_or_none(path.parent) if path.is_file() else None
+    artifact = manifest.artifact_at(path.name) if manifest else None
+    report = artifact.probe if artifact and artifact.probe and _unchanged(path, artifact) else probe(path)
+    smoke = manifest.smoke_result(artifact) if artifact else None
+    return predict(report, ctx, vram, smoke)
+
+
+def _unchanged(path: Path, artifact: mf.Artifact) -> bool:
+    # Size, not sha256: hashing an 80 GB file to plan it would take a minute; a file rewritten since it was
+    # recorded almost always changes size, and is then probed afresh.
+    return path.stat().st_size == artifact.size

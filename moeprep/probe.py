@@ -6,23 +6,18 @@ The reader memory-maps the file, so probing an 80 GB GGUF reads only its header.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import IntegrityError, MoeprepError
+from .placement import CPU_MOE_PATTERN, n_cpu_moe_patterns  # noqa: F401  (probe's vocabulary, re-exported)
+from .placement import Placement as Spec
 
-# llama.cpp's --cpu-moe override (common/arg.cpp); searched anywhere in the name, so `.bias` matches too.
-CPU_MOE_PATTERN = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 _EXPERT = re.compile(CPU_MOE_PATTERN)
 _SHARED = re.compile(r"_shexp\b")
 _ROUTER = re.compile(r"\.(ffn_gate_inp|exp_probs_b)\.")
 _LEGACY = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
-
-
-def n_cpu_moe_patterns(n: int) -> list[str]:
-    """llama.cpp's --n-cpu-moe N: one pattern per block 0..N-1, leading dense blocks included."""
-    return [rf"blk\.{i}{CPU_MOE_PATTERN}" for i in range(n)]
 
 
 @dataclass(frozen=True)
@@ -39,10 +34,7 @@ class LayerExperts:
     experts: list[TensorInfo] = field(default_factory=list)
     shared: list[TensorInfo] = field(default_factory=list)
     router: list[TensorInfo] = field(default_factory=list)
-
-    @property
-    def expert_bytes(self) -> int:
-        return sum(t.bytes for t in self.experts)
+    expert_bytes: int = 0
 
 
 @dataclass
@@ -50,10 +42,26 @@ class Placement:
     """What one override setting moves to the CPU, and what stays on the GPU."""
 
     name: str  # "gpu", "cpu-moe", "n-cpu-moe=N"
-    patterns: list[str]
     tensors_moved: int
     bytes_moved: int
     bytes_on_gpu: int  # with every layer offloaded; token_embd stays in host memory
+
+    @property
+    def patterns(self) -> list[str]:
+        return Spec(self.name).patterns
+
+
+@dataclass
+class Attention:
+    """What the KV cache's size follows from (per-layer arrays reduced to their largest value)."""
+
+    head_count: int | None = None
+    head_count_kv: int | None = None
+    key_length: int | None = None
+    value_length: int | None = None
+    kv_lora_rank: int | None = None  # MLA (deepseek2): a compressed latent cache
+    rope_dimension_count: int | None = None
+    sliding_window: int | None = None
 
 
 @dataclass
@@ -73,6 +81,7 @@ class ProbeReport:
     loadable: bool
     notes: list[str]
     bytes: dict[str, int]
+    attention: Attention
     layers: list[LayerExperts]
     placements: list[Placement]
 
@@ -83,24 +92,22 @@ class ProbeReport:
     def expert_tensor_names(self) -> list[str]:
         return [t.name for layer in self.layers for t in layer.experts]
 
+    def placement(self, name: str) -> Placement | None:
+        return next((p for p in self.placements if p.name == name), None)
+
     def to_dict(self) -> dict:
-        data = asdict(self)
-        for layer, raw in zip(self.layers, data["layers"]):
-            raw["expert_bytes"] = layer.expert_bytes
-        return data
+        from pydantic import TypeAdapter
+
+        return TypeAdapter(ProbeReport).dump_python(self, mode="json")
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    value = f.contents()
-    return value
-
-
-def _read(path: Path):
+def read(path: Path):
+    """gguf-py's reader over `path`, after checking it is a whole GGUF; one clear error otherwise."""
     from gguf import GGUFReader
 
+    path = Path(path)
+    if path.is_dir():
+        raise MoeprepError(f"{path} is a directory", "give the path of a .gguf file in it")
     if not path.is_file():
         raise MoeprepError(f"{path} does not exist", "give the path of a .gguf file")
     with open(path, "rb") as f:
@@ -118,6 +125,17 @@ def _read(path: Path):
     return reader
 
 
+def value(reader, key: str, default=None):
+    """A metadata value through gguf-py's public API; per-layer arrays become their largest element."""
+    f = reader.get_field(key)
+    if f is None:
+        return default
+    v = f.contents()
+    if isinstance(v, list):
+        return max(v) if v else default
+    return v
+
+
 def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
     """Read `path` and report its expert layout and the offload placements.
 
@@ -126,12 +144,12 @@ def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
     from gguf import LlamaFileType
 
     path = Path(path)
-    reader = _read(path)
-    arch = str(_field(reader, "general.architecture", "unknown"))
+    reader = read(path)
+    arch = str(value(reader, "general.architecture", "unknown"))
 
     def key(name: str, default=0):
-        value = _field(reader, f"{arch}.{name}", default)
-        return int(value) if value is not None else None
+        v = value(reader, f"{arch}.{name}", default)
+        return int(v) if v is not None else None
 
     tensors = [
         TensorInfo(t.name, t.tensor_type.name, [int(d) for d in t.shape], int(t.n_bytes))
@@ -156,6 +174,8 @@ def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
         if block and kind != "other":
             layer = layers.setdefault(int(block.group(1)), LayerExperts(int(block.group(1))))
             {"expert": layer.experts, "shared_expert": layer.shared, "router": layer.router}[kind].append(t)
+    for layer in layers.values():
+        layer.expert_bytes = sum(t.bytes for t in layer.experts)
     sums["total"] = sum(t.bytes for t in tensors)
     sums["input_layer"] = sum(t.bytes for t in tensors if t.name.startswith("token_embd."))
 
@@ -180,7 +200,7 @@ def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
     if any("gate_up_exps" in t.name for t in tensors):
         notes.append("gate and up experts are fused (ffn_gate_up_exps)")
 
-    file_type = _field(reader, "general.file_type")
+    file_type = value(reader, "general.file_type")
     try:
         file_type_name = LlamaFileType(int(file_type)).name if file_type is not None else None
     except ValueError:
@@ -202,26 +222,33 @@ def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
         loadable=loadable,
         notes=notes,
         bytes=sums,
+        attention=Attention(**{name: key(f"attention.{name}", None) for name in (
+            "head_count", "head_count_kv", "key_length", "value_length", "kv_lora_rank", "sliding_window")},
+            rope_dimension_count=key("rope.dimension_count", None)),
         layers=[layers[b] for b in sorted(layers)],
         placements=[],
     )
     if n_values is None:
         n_values = list(range(1, block_count + 1)) if report.is_moe else []
-    report.placements = placements(tensors, n_values) if report.is_moe else [_place(tensors, "gpu", [])]
+    report.placements = placements(tensors, n_values) if report.is_moe else [_place(tensors, Spec("gpu"))]
     return report
 
 
-def _place(tensors: list[TensorInfo], name: str, patterns: list[str]) -> Placement:
-    compiled = [re.compile(p) for p in patterns]
+def _place(tensors: list[TensorInfo], spec: Spec) -> Placement:
+    compiled = [re.compile(p) for p in spec.patterns]
     moved = [t for t in tensors if any(p.search(t.name) for p in compiled)]
-    moved_bytes = sum(t.bytes for t in moved)
-    # llama.cpp keeps the input layer (token_embd) in host memory whatever the offload
     names = {t.name for t in moved}
+    # llama.cpp keeps the input layer (token_embd) in host memory whatever the offload
     on_gpu = sum(t.bytes for t in tensors if t.name not in names and not t.name.startswith("token_embd."))
-    return Placement(name, patterns, len(moved), moved_bytes, on_gpu)
+    return Placement(spec.name, len(moved), sum(t.bytes for t in moved), on_gpu)
 
 
 def placements(tensors: list[TensorInfo], n_values: list[int]) -> list[Placement]:
-    out = [_place(tensors, "gpu", []), _place(tensors, "cpu-moe", [CPU_MOE_PATTERN])]
-    out += [_place(tensors, f"n-cpu-moe={n}", n_cpu_moe_patterns(n)) for n in n_values]
-    return out
+    specs = [Spec("gpu"), Spec("cpu-moe")] + [Spec(f"n-cpu-moe={n}") for n in n_values]
+    return [_place(tensors, s) for s in specs]
+
+
+def expected_overrides(report: ProbeReport, spec: Spec) -> list[str]:
+    """The expert tensors llama.cpp should report as overridden for a placement: what smoke checks."""
+    compiled = [re.compile(p) for p in spec.patterns]
+    return [t.name for layer in report.layers for t in layer.experts if any(c.search(t.name) for c in compiled)]

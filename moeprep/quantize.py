@@ -75,7 +75,7 @@ def quantize(src: Path, dst: Path, name: str, nthread: int = 0) -> None:
             elif level in (2, 3):  # ggml warnings and errors
                 errors.append(text.strip())
 
-        with write_aside(dst) as tmp, capture_log(on_line):
+        with write_aside(dst, planned_size(src.stat().st_size // 2, name)) as tmp, capture_log(on_line):
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
             if rc != 0 or not tmp.is_file():
                 detail = next((e for e in reversed(errors) if e), "no message")

@@ -1,172 +1,187 @@
-"""Recipes: one YAML file per model, validated strictly into typed records.
+"""Recipes: one YAML file per model, validated by pydantic models as it loads.
 
-An unknown key or a value of the wrong type is an error that names the file and the key, so a typo
-in a scheduled release fails at once instead of silently using a default.
+An unknown key is refused and every error names the file and the key, so a typo fails at once instead of
+silently using a default, and a bad size, placement or quant name fails now instead of when its stage runs.
 """
 
 from __future__ import annotations
 
-import types
-import typing
-from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Annotated, Literal, get_args
 
 import yaml
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
+                      ValidationInfo, model_validator)
 
+from . import hub as hub_ids, placement
 from .errors import MoeprepError
+from .units import parse_size
+
+FIX = "fix the recipe"
 
 
-@dataclass
-class Source:
-    repo: str
+class _Invalid(ValueError):
+    """A MoeprepError raised in a validator, since pydantic locates only ValueErrors; `key` overrides the location."""
+    def __init__(self, message: str, hint: str | None = FIX, key: str | None = None):
+        super().__init__(message)
+        self.message, self.hint, self.key = message, hint, key
+
+
+def _checked(check):  # moeprep's own check as a pydantic validator
+    def run(value):
+        try:
+            return check(value)
+        except MoeprepError as e:
+            raise _Invalid(e.message, e.hint) from None
+    return run
+
+
+def _size(value):
+    parse_size(value)  # refuses 1.2.3GB, 0 and a bare 50; the text is kept as written, for plans and cards
+    return value
+
+
+def _quants(names: list[str]) -> list[str]:
+    from .quantize import check_types  # loads libllama for its list of file types, so only when needed
+    return check_types(names, allow_imatrix=True)
+
+
+RepoId = Annotated[str, AfterValidator(_checked(hub_ids.check_repo_id))]
+Size = Annotated[str, BeforeValidator(_checked(_size))]
+Quants = Annotated[list[str], AfterValidator(_checked(_quants))]
+PlacementName = Annotated[str, AfterValidator(_checked(lambda text: placement.parse(text).name))]
+
+
+class Section(BaseModel):
+    # strict: YAML's `yes` or "3" is not quietly read as true or 3; forbid: a misspelt key is an error
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Source(Section):
+    repo: RepoId
     revision: str = "main"
 
 
-@dataclass
-class Imatrix:
+class Imatrix(Section):
     calibration: str  # a text file, relative to the recipe
-    quants: list[str]  # the quants made with it
-    ctx: int = 512
-    chunks: int = 0  # 0: the whole text
+    quants: Quants  # the quants made with it
+    ctx: int = Field(512, ge=32)  # the same bounds as `moeprep imatrix`
+    chunks: int = Field(0, ge=0)  # 0: the whole text
 
 
-@dataclass
-class Smoke:
-    placements: list[str] = field(default_factory=lambda: ["gpu", "cpu-moe"])
-    ctx: int = 4096
-    runs: int = 3
-    tokens: int = 64
+class Smoke(Section):
+    placements: list[PlacementName] = ["gpu", "cpu-moe"]
+    ctx: int = Field(4096, ge=64)  # the same bounds as `moeprep smoke`
+    runs: int = Field(3, ge=1)
+    tokens: int = Field(64, ge=2)  # decode speed needs two tokens: it is timed from the first
 
 
-@dataclass
-class Hub:
-    repo_id: str
-    layout: str = "single"
-    max_shard: str = "50GB"
+class Hub(Section):
+    repo_id: RepoId
+    layout: Literal["single", "per-quant"] = "single"
+    max_shard: Size = "50GB"
     private: bool = False
 
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard)
 
-@dataclass
-class Card:
+
+class Card(Section):
     quantized_by: str = "moeprep"
     base_model: str | None = None
     template: str | None = None
 
 
-@dataclass
-class Expect:
+class Expect(Section):
     architecture: str | None = None  # config.json's architectures[0]
-    expert_count: int | None = None
-    expert_used_count: int | None = None
-    expert_shared_count: int | None = None
-    block_count: int | None = None
+    expert_count: int | None = Field(None, ge=1)
+    expert_used_count: int | None = Field(None, ge=1)
+    expert_shared_count: int | None = Field(None, ge=0)
+    block_count: int | None = Field(None, ge=1)
 
 
-@dataclass
-class Recipe:
+class Recipe(Section):
     name: str
     source: Source
     hub: Hub
-    quants: list[str] = field(default_factory=lambda: ["Q8_0", "Q4_K_M", "Q2_K"])
-    outtype: str = "f16"
+    quants: Quants = ["Q8_0", "Q4_K_M", "Q2_K"]
+    outtype: Literal["f16", "bf16", "f32"] = "f16"
     imatrix: Imatrix | None = None
-    smoke: Smoke = field(default_factory=Smoke)
-    card: Card = field(default_factory=Card)
-    expect: Expect = field(default_factory=Expect)
-    path: Path | None = None  # where it was read from; not a key
+    smoke: Smoke = Field(default_factory=Smoke)
+    card: Card = Field(default_factory=Card)
+    expect: Expect = Field(default_factory=Expect)
+    _path: Path | None = PrivateAttr(None)  # where it was read from; private, so `path:` in YAML is unknown
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
 
     def relative(self, name: str) -> Path:
         return (self.path.parent if self.path else Path(".")) / name
 
-
-def _check(value, kind, where: str):
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(kind)
-        if value is None and type(None) in options:
-            return None
-        kind = next(k for k in options if k is not type(None))
-        origin = typing.get_origin(kind)
-    if origin is list:
-        (inner,) = typing.get_args(kind)
-        if not isinstance(value, list):
-            raise _wrong(where, "a list", value)
-        return [_check(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(kind, type) and hasattr(kind, "__dataclass_fields__"):
-        return _build(kind, value, where)
-    if kind is bool and not isinstance(value, bool):
-        raise _wrong(where, "true or false", value)
-    if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
-        raise _wrong(where, "an integer", value)
-    if kind is str and not isinstance(value, str):
-        raise _wrong(where, "a string", value)
-    return value
-
-
-def _wrong(where: str, wanted: str, value) -> MoeprepError:
-    return MoeprepError(f"{where} must be {wanted}, not {type(value).__name__} {value!r}", "fix the recipe")
-
-
-def _build(cls, data, where: str):
-    if not isinstance(data, dict):
-        raise _wrong(where, "a mapping", data)
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls) if f.name != "path"}
-    for key in data:
-        if key not in known:
-            raise MoeprepError(f"{where}: unknown key {key!r}", f"known keys: {', '.join(sorted(known))}")
-    values = {}
-    for f in fields(cls):
-        if f.name == "path":
-            continue
-        if f.name in data:
-            values[f.name] = _check(data[f.name], hints[f.name], f"{where}.{f.name}" if where else f.name)
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise MoeprepError(f"{where}: missing key {f.name!r}", "add it to the recipe")
-    return cls(**values)
+    @model_validator(mode="after")
+    def _check_imatrix(self, info: ValidationInfo) -> Recipe:
+        from .quantize import NEEDS_IMATRIX
+        self._path = (info.context or {}).get("path")  # set first: the calibration text is relative to it
+        covered = self.imatrix.quants if self.imatrix else []
+        if missing := [q for q in self.quants if q in NEEDS_IMATRIX and q not in covered]:
+            raise _Invalid(f"{', '.join(missing)} need an importance matrix",
+                           "add an imatrix section that lists them, or choose other quants", key="quants")
+        if self.imatrix:
+            if stray := [q for q in self.imatrix.quants if q not in self.quants]:
+                raise _Invalid(f"names {', '.join(stray)}, which quants does not list",
+                               "list every imatrix quant under quants too", key="imatrix.quants")
+            if not (text := self.relative(self.imatrix.calibration)).is_file():
+                raise _Invalid(f"{text} not found", "give a text file relative to the recipe", key="imatrix.calibration")
+        return self
 
 
 def load(path: Path) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        example = next(iter(sorted(path.glob("*.yaml"))), path / "x.yaml")  # a real one where there is one
+        raise MoeprepError(f"{path} is a directory", f"give one recipe file, e.g. {example}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MoeprepError(f"recipe {path} not found", "give the path of a recipes/*.yaml file") from None
+    except UnicodeDecodeError:
+        raise MoeprepError(f"{path} is not UTF-8 text", "give the path of a recipes/*.yaml file") from None
     except yaml.YAMLError as e:
-        raise MoeprepError(f"{path} is not valid YAML ({str(e).splitlines()[0]})", "fix the recipe") from e
-    recipe = _build(Recipe, data, str(path))
-    recipe.path = path
-    return _validate(recipe)
-
-
-def _validate(r: Recipe) -> Recipe:
-    from .quantize import NEEDS_IMATRIX, check_types
-    from .smoke import parse_placement
-
-    where = str(r.path)
+        raise MoeprepError(f"{path} is not valid YAML ({str(e).splitlines()[0]})", FIX) from e
+    if not isinstance(data, dict):
+        raise MoeprepError(f"{path} holds {'nothing' if data is None else f'a {type(data).__name__}'}, not recipe keys",
+                           "start from one of recipes/*.yaml")
     try:
-        r.quants = check_types(r.quants, allow_imatrix=True)
-        for p in r.smoke.placements:
-            parse_placement(p)
-    except MoeprepError as e:
-        raise MoeprepError(f"{where}: {e.message}", e.hint) from None
-    if r.outtype not in ("f16", "bf16", "f32"):
-        raise MoeprepError(f"{where}.outtype must be f16, bf16 or f32, not {r.outtype!r}", "fix the recipe")
-    if r.hub.layout not in ("single", "per-quant"):
-        raise MoeprepError(f"{where}.hub.layout must be single or per-quant", "fix the recipe")
-    needing = [q for q in r.quants if q in NEEDS_IMATRIX]
-    covered = set(r.imatrix.quants) if r.imatrix else set()
-    if missing := [q for q in needing if q not in covered]:
-        raise MoeprepError(f"{where}: {', '.join(missing)} need an importance matrix",
-                           "add an imatrix section that lists them, or choose other quants")
-    if r.imatrix:
-        if stray := [q for q in r.imatrix.quants if q not in r.quants]:
-            raise MoeprepError(f"{where}.imatrix.quants names {', '.join(stray)}, which quants does not list",
-                               "list every imatrix quant under quants too")
-        if not r.relative(r.imatrix.calibration).is_file():
-            raise MoeprepError(f"{where}.imatrix.calibration: {r.relative(r.imatrix.calibration)} not found",
-                               "give a text file relative to the recipe")
-    return r
+        return Recipe.model_validate(data, context={"path": path})
+    except ValidationError as e:
+        raise _error(path, e) from e
+
+
+def _error(path: Path, e: ValidationError) -> MoeprepError:
+    """The first problem pydantic found, as `FILE: KEY ...`; the rest show once it is fixed."""
+    first = e.errors()[0]
+    kind, loc, value, ctx = first["type"], first["loc"], first["input"], first.get("ctx", {})
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if isinstance(ctx.get("error"), _Invalid):
+        return MoeprepError(f"{path}: {ctx['error'].key or key}: {ctx['error'].message}", ctx["error"].hint)
+    where = f"{path}: {loc[0]}: " if len(loc) > 1 else f"{path}: "  # sections are one level deep
+    if kind in ("extra_forbidden", "invalid_key"):  # invalid_key: YAML read `1:` or `yes:` as a number or bool
+        section = Recipe.model_fields[loc[0]].annotation if len(loc) > 1 else Recipe
+        known = next(k for k in get_args(section) or [section] if k is not type(None)).model_fields
+        return MoeprepError(f"{where}unknown key {loc[-1]!r}", f"known keys: {', '.join(sorted(known))}")
+    if kind == "missing":
+        return MoeprepError(f"{where}missing key {loc[-1]!r}", "add it to the recipe")
+    got = "nothing" if value is None else f"{type(value).__name__} {value!r}"  # `hub:` with no value is None
+    must = {"int_type": f"an integer, not {got}", "bool_type": f"true or false, not {got}",  # in a recipe's words
+            "string_type": f"a string, not {got}", "list_type": f"a list, not {got}",
+            "model_type": f"a mapping, not {got}",
+            "greater_than_equal": f"at least {ctx.get('ge')} (got {value!r})",
+            "literal_error": f"{ctx.get('expected')}, not {value!r}"}
+    if kind in must:
+        return MoeprepError(f"{path}: {key} must be {must[kind]}", FIX)
+    return MoeprepError(f"{path}: {key}: {first['msg']} (got {value!r})", FIX)
 
 
 def discover(folder: Path) -> list[Path]:

@@ -1,32 +1,111 @@
-"""Release: run a recipe's stages, skipping every stage whose recorded outputs are up to date.
+"""Release: run a recipe's stages in order, each skipping what is already up to date.
 
-Up to date means: the same sha256, made from the same inputs with the same settings. The output
-directory is locked for the whole run, so two releases cannot write it at once; the lock is a
-flock, which the kernel drops when its process dies, so a killed release never leaves it behind.
+Up to date means: the same sha256, made from the same inputs with the same settings. Every stage
+returns an Outcome; whether the release did work is read from them, never from their wording. The
+output directory is locked for the whole run.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
+from . import card as card_stage
+from . import download as download_stage
 from . import manifest as mf
+from . import push as push_stage
+from . import smoke as smoke_stage
 from .errors import MoeprepError
 from .files import human_bytes
-from .recipe import Recipe
+from .lock import locked
+from .outcome import Outcome, Status, quiet
+from .pipeline import ImatrixSpec, artifact_name, convert_model, quantize_model
+from .quantize import planned_size
+from .recipe import Recipe, discover
 from .recipe import load as load_recipe
+from .results import SmokeSettings
 
-STAGES = ["download", "convert", "quantize", "probe", "smoke", "card", "push"]
 GROUPS = {  # how scheduled CI splits a release into jobs
     "prepare": ["download", "convert", "quantize", "probe"],
     "smoke": ["smoke"],
     "publish": ["card", "push"],
 }
-LOCK = ".moeprep.lock"
+
+
+@dataclass
+class Run:
+    """What every stage of one release shares."""
+
+    recipe: Recipe
+    out: Path
+    status: Status = quiet
+    fetched: tuple | None = None  # the download stage's verified (folder, Source), for convert
+
+
+def _download(run: Run) -> Outcome:
+    r = run.recipe
+    snap = download_stage.resolve(r.source.repo, r.source.revision)
+    download_stage.check_cache_space(snap)
+    fetch = {f.path for f in download_stage.missing(snap)}
+    run.fetched = download_stage.download(snap)
+    return Outcome("download", made=sorted(fetch), kept=sorted(f.path for f in snap.files if f.path not in fetch),
+                   notes=[f"{r.source.repo}@{r.source.revision} is commit {snap.commit}; every file verified"])
+
+
+def _convert(run: Run) -> Outcome:
+    r = run.recipe
+    return convert_model(r.source.repo, out=run.out, outtype=r.outtype, revision=r.source.revision, quants=r.quants,
+                         fetched=run.fetched, status=run.status)
+
+
+def _quantize(run: Run) -> Outcome:
+    r = run.recipe
+    spec = None
+    if r.imatrix:
+        spec = ImatrixSpec(r.relative(r.imatrix.calibration), r.imatrix.quants, r.imatrix.ctx, r.imatrix.chunks)
+    return quantize_model(run.out, quants=r.quants, imatrix=spec, status=run.status)
+
+
+def _probe(run: Run) -> Outcome:
+    manifest = mf.load(run.out)
+    check_expectations(run.recipe, manifest)
+    return Outcome("probe", kept=[manifest.base.path], notes=["the converted file matches the recipe's expect section"])
+
+
+def _smoke(run: Run) -> Outcome:
+    s = run.recipe.smoke
+    settings = SmokeSettings(runs=s.runs, ctx=s.ctx, new_tokens=s.tokens, placements=list(s.placements))
+    outcome = smoke_stage.run(run.out, settings, only_stale=True, status=run.status)
+    if outcome.result and (failed := outcome.result.failed()):
+        name, reasons = next(iter(failed.items()))
+        raise MoeprepError(f"smoke failed for {', '.join(failed)}: {reasons[0]}", f"see {run.out / 'manifest.json'}")
+    return outcome
+
+
+def _card(run: Run) -> Outcome:
+    r = run.recipe
+    return card_stage.write(run.out, card_options(r), status=run.status)
+
+
+def _push(run: Run) -> Outcome:
+    r = run.recipe
+    return push_stage.push(run.out, r.hub.repo_id, layout=r.hub.layout, private=r.hub.private, status=run.status)
+
+
+def card_options(r: Recipe) -> card_stage.CardOptions:
+    return card_stage.CardOptions(repo_id=r.hub.repo_id, layout=r.hub.layout, quantized_by=r.card.quantized_by,
+                                  base_model=r.card.base_model,
+                                  template=r.relative(r.card.template) if r.card.template else None,
+                                  max_shard=r.hub.max_shard_bytes)
+
+
+STAGES: dict[str, Callable[[Run], Outcome]] = {
+    "download": _download, "convert": _convert, "quantize": _quantize, "probe": _probe,
+    "smoke": _smoke, "card": _card, "push": _push,
+}
 
 
 def parse_stages(text: str | None) -> list[str]:
@@ -35,8 +114,7 @@ def parse_stages(text: str | None) -> list[str]:
     chosen = []
     for part in text.split(","):
         part = part.strip()
-        names = GROUPS.get(part, [part])
-        for name in names:
+        for name in GROUPS.get(part, [part]):
             if name not in STAGES:
                 raise MoeprepError(f"unknown stage {part!r}", f"stages: {', '.join(STAGES)}; groups: {', '.join(GROUPS)}")
             if name not in chosen:
@@ -48,125 +126,51 @@ def default_out(recipe: Recipe) -> Path:
     return Path("releases") / recipe.name
 
 
-@contextmanager
-def locked(out: Path) -> Iterator[None]:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise MoeprepError(f"another release is running in {out}: it holds {path} (pid {holder})",
-                               "wait for it to finish; the lock goes away when that process ends") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
 def check_expectations(recipe: Recipe, manifest: mf.Manifest) -> None:
     """The recipe's architecture facts against the converted file: a release of the wrong model stops here."""
-    e = recipe.expect
-    probe = manifest.probe or {}
+    e, probe = recipe.expect, manifest.probe
     wrong = []
     if e.architecture and manifest.source.architecture != e.architecture:
         wrong.append(f"architecture {manifest.source.architecture} (expected {e.architecture})")
     for key in ("expert_count", "expert_used_count", "expert_shared_count", "block_count"):
         want = getattr(e, key)
-        if want is not None and probe.get(key) != want:
-            wrong.append(f"{key} {probe.get(key)} (expected {want})")
+        if want is not None and getattr(probe, key, None) != want:
+            wrong.append(f"{key} {getattr(probe, key, None)} (expected {want})")
     if wrong:
         raise MoeprepError(f"{recipe.path}: the converted file does not match the recipe: {'; '.join(wrong)}",
                            "check the source revision, or correct the recipe's expect section")
 
 
-def _smoke_current(manifest: mf.Manifest, settings: dict) -> bool:
-    s = manifest.smoke
-    if not s or any(s["settings"].get(k) != v for k, v in settings.items()):
-        return False
-    results = s.get("artifacts", {})
-    return all(a.path in results and results[a.path].get("sha256") == a.sha256 for a in manifest.artifacts)
+@dataclass
+class ReleaseReport:
+    recipe: str
+    out: str
+    stages: dict[str, Outcome] = field(default_factory=dict)
+
+    @property
+    def did_work(self) -> bool:
+        return any(o.did_work for o in self.stages.values())
+
+    def to_dict(self) -> dict:
+        """The report as `--json` prints it: per stage what was made and kept, not the stages' whole records."""
+        return {"recipe": self.recipe, "out": self.out, "did_work": self.did_work,
+                "stages": {name: {"made": o.made, "kept": o.kept, "notes": o.notes, "summary": o.summary()}
+                           for name, o in self.stages.items()}}
 
 
-def run(path: Path, *, stages: list[str] | None = None, out: Path | None = None, status=lambda line: None) -> dict:
-    from . import card as card_stage
-    from . import download as download_stage
-    from . import smoke as smoke_stage
-    from .pipeline import ImatrixSpec, prepare
-    from .plan import parse_size
-    from .push import push
-
+def run(path: Path, *, stages: list[str] | None = None, out: Path | None = None, status: Status = quiet) -> ReleaseReport:
     r = load_recipe(path)
-    stages = stages or list(STAGES)
     out = Path(out) if out else default_out(r)
-    report: dict = {"recipe": str(r.path), "out": str(out), "stages": {}}
-    did = report["stages"]
-    with locked(out):
-        if stages == ["download"]:
-            snap = download_stage.resolve(r.source.repo, r.source.revision)
-            download_stage.check_cache_space(snap)
-            download_stage.download(snap)
-            did["download"] = f"verified {len(snap.files)} files at {snap.commit}"
-        elif {"download", "convert", "quantize"} & set(stages):
-            spec = None
-            if r.imatrix:
-                spec = ImatrixSpec(r.relative(r.imatrix.calibration), r.imatrix.quants, r.imatrix.ctx, r.imatrix.chunks)
-            result = prepare(r.source.repo, out=out, outtype=r.outtype,
-                             quants=r.quants if "quantize" in stages else [], revision=r.source.revision,
-                             imatrix=spec, status=status)
-            for stage in ("download", "convert", "quantize"):
-                if stage in stages:
-                    did[stage] = f"made {', '.join(result.made)}" if result.made else "up to date"
-            did["files"] = {"made": result.made, "kept": result.kept}
-        manifest = mf.load(out)
-        if "probe" in stages:
-            check_expectations(r, manifest)
-            did["probe"] = "matches the recipe"
-        if "smoke" in stages:
-            settings = smoke_stage.Settings(runs=r.smoke.runs, ctx=r.smoke.ctx, new_tokens=r.smoke.tokens)
-            wanted = {"runs": settings.runs, "ctx": settings.ctx, "new_tokens": settings.new_tokens,
-                      "placements": r.smoke.placements}
-            if _smoke_current(manifest, wanted):
-                did["smoke"] = "up to date"
-            else:
-                status("smoke: measuring every file")
-                smoke = smoke_stage.run(out, [smoke_stage.parse_placement(p) for p in r.smoke.placements], settings,
-                                        status=status)
-                failed = [n for n, a in smoke["artifacts"].items() if not a["ok"]]
-                if failed:
-                    first = smoke["artifacts"][failed[0]]["failures"][0]
-                    raise MoeprepError(f"smoke failed for {', '.join(failed)}: {first}", f"see {out / 'manifest.json'}")
-                did["smoke"] = "done"
-        if "card" in stages:
-            readme = out / "README.md"
-            before = readme.read_text(encoding="utf-8") if readme.is_file() else None
-            card_stage.write(out, r.hub.repo_id, template=r.relative(r.card.template) if r.card.template else None,
-                             quantized_by=r.card.quantized_by, base_model=r.card.base_model)
-            problems = card_stage.lint(readme, check_files=False)  # push re-checks every file's sha256
-            if problems:
-                raise MoeprepError(f"card lint failed: {problems[0]}", f"run `moeprep card {out} --check {readme}`")
-            did["card"] = "up to date" if readme.read_text(encoding="utf-8") == before else "done"
-        if "push" in stages:
-            pushed = push(out, r.hub.repo_id, private=r.hub.private, layout=r.hub.layout,
-                          max_shard=parse_size(r.hub.max_shard), quantized_by=r.card.quantized_by,
-                          base_model=r.card.base_model,
-                          template=r.relative(r.card.template) if r.card.template else None, status=status)
-            did["push"] = f"uploaded {pushed.uploaded} files" if pushed.uploaded else "up to date"
-    report["did_work"] = any(not str(v).startswith(("up to date", "matches", "verified"))
-                             for k, v in did.items() if k != "files")
+    report = ReleaseReport(str(r.path), str(out))
+    context = Run(r, out, status)
+    with locked(out, f"release {r.path}"):
+        for name in stages or list(STAGES):
+            report.stages[name] = STAGES[name](context)
     return report
 
 
 def plan(path: Path, *, stages: list[str] | None = None, out: Path | None = None) -> dict:
     """What a release would do, with sizes where the Hub answers and 'unknown' where it does not."""
-    from . import download as download_stage
-    from .pipeline import artifact_name
-    from .plan import parse_size
-    from .quantize import planned_size
-
     r = load_recipe(path)
     stages = stages or list(STAGES)
     out = Path(out) if out else default_out(r)
@@ -182,19 +186,19 @@ def plan(path: Path, *, stages: list[str] | None = None, out: Path | None = None
     files = []
     for q in [r.outtype.upper(), *r.quants]:
         size = (n_params * 2 if q == r.outtype.upper() else planned_size(n_params, q) / 1.1) if n_params else None
-        shards = int(size // parse_size(r.hub.max_shard)) + 1 if size else None
+        shards = int(size // r.hub.max_shard_bytes) + 1 if size else None
         files.append({"file": artifact_name(r.name, q), "estimated_bytes": int(size) if size else None,
                       "shards": shards, "imatrix": bool(r.imatrix and q in r.imatrix.quants)})
     if not n_params:
         unknown.append("output sizes (they follow from the source size)")
-    existing = mf.load_or_none(out)
+    existing = mf.load_or_none(out) if out.is_dir() else None
     free = shutil.disk_usage(out if out.exists() else Path(".")).free
     needed = (source["bytes"] or 0) + sum(f["estimated_bytes"] or 0 for f in files) if n_params else None
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     largest = max((f["estimated_bytes"] or 0 for f in files), default=0) or None
     return {
-        "recipe": str(r.path), "out": str(out), "stages": stages, "source": {"repo": r.source.repo,
-                                                                              "revision": r.source.revision, **source},
+        "recipe": str(r.path), "out": str(out), "stages": stages,
+        "source": {"repo": r.source.repo, "revision": r.source.revision, **source},
         "files": files,
         "already_made": [a.path for a in existing.artifacts] if existing else [],
         "preflight": {
@@ -234,8 +238,6 @@ def describe(p: dict) -> list[str]:
 
 def matrix(folder: Path, group: str | None = None) -> dict:
     """The GitHub Actions matrix for scheduled releases: recipe x stage group."""
-    from .recipe import discover
-
     groups = [group] if group else list(GROUPS)
     for g in groups:
         if g not in GROUPS:

@@ -44,3 +44,37 @@ def split(src: Path, out_dir: Path, max_bytes: int) -> list[Path]:
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(work, out_dir)
     return [out_dir / p.name for p in shards]
+
+
+def shard_artifacts(out: Path, manifest, max_bytes: int, *, dry_run: bool = False, status=lambda line: None) -> list[str]:
+    """Split every artifact larger than `max_bytes` with llama.cpp's shard naming; record the shards.
+
+    Shards already made from the same bytes at the same size limit are kept. Returns notes for the user.
+    """
+    from . import manifest as mf
+    from .files import sha256_file
+    from .manifest import Shard
+
+    notes = []
+    for a in manifest.artifacts:
+        if a.size <= max_bytes:
+            if a.shards:
+                a.shards = []
+                mf.save(out, manifest)
+            continue
+        if _current(out, a, max_bytes):
+            continue
+        if dry_run:
+            notes.append(f"{a.path} would be split into shards of at most {max_bytes} bytes of tensor data")
+            continue
+        status(f"splitting {a.path} into shards of at most {max_bytes} bytes")
+        paths = split(out / a.path, out / a.quant, max_bytes)
+        a.shards = [Shard(str(p.relative_to(out)), p.stat().st_size, sha256_file(p), a.sha256, max_bytes) for p in paths]
+        mf.save(out, manifest)
+    return notes
+
+
+def _current(out: Path, a, max_bytes: int) -> bool:
+    return bool(a.shards) and all(
+        s.made_from == a.sha256 and s.max_bytes == max_bytes and (out / s.path).is_file()
+        and (out / s.path).stat().st_size == s.size for s in a.shards)

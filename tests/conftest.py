@@ -115,5 +115,7 @@ def converted_local(checkpoints, tmp_path_factory) -> dict[str, Path]:
     from moeprep.pipeline import prepare
 
     root = tmp_path_factory.mktemp("local")
-    return {kind: prepare(str(checkpoints[kind]), out=root / kind).out for kind in ("mixtral", "llama")}
+    for kind in ("mixtral", "llama"):
+        prepare(str(checkpoints[kind]), out=root / kind)
+    return {kind: root / kind for kind in ("mixtral", "llama")}
 

@@ -10,6 +10,8 @@ import yaml
 from click.testing import CliRunner
 
 from moeprep import card, manifest as mf
+from moeprep.assets import template as shipped_template
+from moeprep.lint import lint
 from moeprep.cli import main
 from moeprep.pipeline import prepare
 from tests.llm import generate
@@ -67,7 +69,7 @@ def test_card_acceptance_front_matter_and_file_table(fresh):
     assert "Speed, VRAM and KLD: not measured" in text
     assert "## Offload plan (predicted, not measured)" in text and "compute buffer is not included" in text
     assert f"commit [`{m.source.commit}`]" in text
-    assert card.lint(fresh / "README.md") == []
+    assert lint(fresh / "README.md") == []
 
 
 def test_card_with_smoke_data_shows_measured_figures_and_plot(smoked, tmp_path):
@@ -79,16 +81,16 @@ def test_card_with_smoke_data_shows_measured_figures_and_plot(smoked, tmp_path):
     m = mf.load(out)
     rows = table(text)
     for a in m.artifacts:
-        s = m.smoke["artifacts"][a.path]
-        tps = s["placements"]["gpu"]["decode_tps"]
-        assert rows[a.path][6] == f"{tps['mean']:.1f} ± {tps['sd']:.1f}"
-        assert rows[a.path][9] == f"{s['quality']['kld_mean']:.6f}"
+        s = m.smoke.artifacts[a.path]
+        tps = s.placements["gpu"].decode_tps
+        assert rows[a.path][6] == f"{tps.mean:.1f} ± {tps.sd:.1f}"
+        assert rows[a.path][9] == f"{s.quality.kld_mean:.6f}"
         assert rows[a.path][4] == "not measured"  # no GPU here: VRAM is never estimated
     assert "![Decode speed and memory per quant and placement](moeprep-smoke.png)" in text
     assert (out / "moeprep-smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "N=3 timed runs after 1 warm-up" in text and "VRAM: not measured: the smoke ran without a GPU" in text
     assert "hf download me/tiny-phimoe-GGUF tiny-phimoe-Q4_K_M.gguf" in text
-    assert card.lint(out / "README.md") == []
+    assert lint(out / "README.md") == []
 
 
 def test_card_results_of_other_bytes_are_not_shown(smoked, tmp_path):
@@ -96,7 +98,7 @@ def test_card_results_of_other_bytes_are_not_shown(smoked, tmp_path):
     out = tmp_path / "changed"
     shutil.copytree(src, out)
     m = mf.load(out)
-    m.smoke["artifacts"]["tiny-phimoe-Q8_0.gguf"]["sha256"] = "0" * 64  # measured some other file
+    m.smoke.artifacts["tiny-phimoe-Q8_0.gguf"].sha256 = "0" * 64  # measured some other file
     mf.save(out, m)
     run("card", out)
     assert table((out / "README.md").read_text())["tiny-phimoe-Q8_0.gguf"][6] == "not measured"
@@ -150,7 +152,7 @@ def test_card_lint_catches(defect, expect, good_card):
         edit(good_card, "base_model: some-org/tiny-phimoe\n", "")
     elif defect == "placeholder":
         edit(good_card, "## Provenance", "SHA256: (add)\n\n## Provenance")
-    problems = card.lint(good_card)
+    problems = lint(good_card)
     assert any(expect in p for p in problems), problems
     result = run("card", out, "--check", good_card)
     assert result.exit_code == 1
@@ -166,7 +168,7 @@ def test_card_lint_rejects_the_published_cards(tmp_path):
     assert "relative link '../phi-3.5-moe-q4-k-m-cpu-offload-gguf'" in result.stdout
     assert "no manifest.json beside the card" in result.stdout
     shutil.copy(DATA / "card-phi-3.5-moe-f16.md", copy)
-    assert any("base_model_relation" in p for p in card.lint(copy))
+    assert any("base_model_relation" in p for p in lint(copy))
 
 
 def test_card_source_text_is_data_not_template(checkpoints, tmp_path):
@@ -185,7 +187,7 @@ def test_card_source_text_is_data_not_template(checkpoints, tmp_path):
     meta = front_matter(text)
     assert meta["license"] == "other" and meta["license_name"] == "unknown"
     assert "unknown: the source states no license moeprep can read" in text
-    assert card.lint(out / "README.md") == []
+    assert lint(out / "README.md") == []
 
 
 def test_card_sandbox_refuses_unsafe_templates(fresh, tmp_path):
@@ -249,15 +251,15 @@ def test_push_splits_large_files_into_shards_that_load(hub, fresh, write_token, 
     assert result.exit_code == 0, result.output
     m = mf.load(fresh)
     f16 = m.artifact("F16")
-    assert [s["path"] for s in f16.shards] == [f"F16/tiny-phimoe-F16-0000{i}-of-00006.gguf" for i in range(1, 7)]
+    assert [s.path for s in f16.shards] == [f"F16/tiny-phimoe-F16-0000{i}-of-00006.gguf" for i in range(1, 7)]
     assert not m.artifact("Q2_K").shards  # under the limit: uploaded whole
     text = (fresh / "README.md").read_text()
     for s in f16.shards:
-        assert f"| {s['path']} | F16 (" in text
+        assert f"| {s.path} | F16 (" in text
     local = downloaded("me/tiny-split-GGUF", tmp_path)
     for s in f16.shards:
-        assert sha256(local / s["path"]) == s["sha256"]
-    assert generate(local / f16.shards[0]["path"]) == generate(fresh / f16.path)
+        assert sha256(local / s.path) == s.sha256
+    assert generate(local / f16.shards[0].path) == generate(fresh / f16.path)
 
 
 def test_push_per_quant_layout_links_siblings(hub, fresh, write_token, tmp_path):
@@ -309,7 +311,7 @@ def test_push_network_failure_mid_upload_then_rerun_continues(hub, fresh, write_
 
 def test_push_stops_when_the_lint_fails(hub, fresh, write_token, tmp_path):
     template = tmp_path / "bad.md.j2"
-    template.write_text((Path(card.TEMPLATE)).read_text().replace("## Method", "<<<<<<< HEAD\n## Method"))
+    template.write_text(shipped_template().read_text().replace("## Method", "<<<<<<< HEAD\n## Method"))
     hub.requests.clear()
     result = run("card", fresh, "--push", "--repo-id", "me/linted-GGUF", "--template", template)
     assert result.exit_code == 1

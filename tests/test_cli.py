@@ -67,7 +67,7 @@ def test_cli_demo_runs_the_main_job(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [a["quant"] for a in data["manifest"]["artifacts"]] == ["F16", "Q8_0", "Q4_K_M", "Q2_K"]
-    assert data["manifest"]["probe"]["expert_count"] == 16
+    assert data["manifest"]["artifacts"][0]["probe"]["expert_count"] == 16
 
 
 def test_cli_manifest_round_trips_and_rejects_other_formats(converted_phimoe, tmp_path):

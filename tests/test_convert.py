@@ -36,11 +36,11 @@ def test_convert_hub_repo_end_to_end(converted_phimoe, hub):
     repo = hub.repos["some-org/tiny-phimoe"]
     assert (m.source.id, m.source.kind, m.source.revision, m.source.commit) == ("some-org/tiny-phimoe", "hub", "main", repo.commit)
     assert {f.path: f.sha256 for f in m.source.files} == {p: repo.sha256(p) for p in repo.files}
-    assert m.probe["architecture"] == "phimoe" and m.probe["expert_count"] == 16
+    assert m.probe.architecture == "phimoe" and m.probe.expert_count == 16
     assert m.tools["llama_cpp_commit"].startswith("0c1e570")
     f16 = m.artifact("F16")
     assert all(a.made_from == f16.sha256 for a in m.artifacts if a.quant != "F16")
-    assert f16.made_from == mf.source_fingerprint(m.source.files)
+    assert f16.made_from == m.source.fingerprint()
 
 
 @pytest.mark.parametrize("quant", QUANTS)
@@ -55,8 +55,8 @@ def test_convert_local_checkpoints_load_and_generate(converted_local, kind):
     assert [a.quant for a in m.artifacts] == QUANTS
     for a in m.artifacts:
         assert len(generate(out / a.path)) == 8, a.path
-    assert m.probe["architecture"] == "llama"
-    assert m.probe["expert_count"] == (8 if kind == "mixtral" else 0)
+    assert m.probe.architecture == "llama"
+    assert m.probe.expert_count == (8 if kind == "mixtral" else 0)
 
 
 def test_convert_k_quants_really_apply(converted_phimoe):

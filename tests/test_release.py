@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from moeprep import manifest as mf, recipe
 from moeprep.cli import main
 from moeprep.errors import MoeprepError
-from moeprep.release import locked
+from moeprep.lock import locked
 from tests.llm import generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,7 +107,7 @@ def test_release_all_stages_then_nothing_to_do(hub, write_token, tmp_path):
     first = run("release", TINY, "--out", out, "--json")
     assert first.exit_code == 0, first.output
     report = json.loads(first.stdout)
-    assert report["did_work"] and report["stages"]["smoke"] == "done" and report["stages"]["push"].startswith("uploaded")
+    assert report["did_work"] and report["stages"]["smoke"]["made"] and report["stages"]["push"]["made"]
     m = mf.load(out)
     assert [a.quant for a in m.artifacts] == ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
     assert m.source.architecture == "PhiMoEForCausalLM"
@@ -146,7 +146,7 @@ def test_release_killed_during_quantize_then_completed(hub, tmp_path):
     result = run("release", TINY, "--stages", "prepare", "--out", out, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["stages"]["files"]["kept"][0] == "tiny-phimoe-F16.gguf"
+    assert report["stages"]["convert"]["kept"] == ["tiny-phimoe-F16.gguf"]
     m = mf.load(out)
     assert len(m.artifacts) == 7 and not list(out.glob("*.partial"))
     assert len(generate(out / "tiny-phimoe-Q3_K_M.gguf")) == 8
@@ -156,8 +156,9 @@ def test_release_second_release_on_the_same_directory_refuses(hub, tmp_path):
     out = tmp_path / "locked"
     with locked(out):
         result = run("release", TINY, "--out", out)
-    assert last_error(result) == (f"Error: another release is running in {out}: it holds {out / '.moeprep.lock'} "
-                                  f"(pid {os.getpid()}) (wait for it to finish; the lock goes away when that process ends)")
+    assert last_error(result) == (f"Error: another moeprep command is writing into {out}: pid {os.getpid()} (moeprep) "
+                                  f"holds {out / '.moeprep.lock'} "
+                                  "(wait for it to finish; the lock goes away when that process ends)")
 
 
 def test_release_probe_checks_the_recipe_expectations(hub, tmp_path):
@@ -189,7 +190,7 @@ def test_imatrix_quant_needs_and_uses_an_importance_matrix(converted_phimoe, tmp
     result = run("quantize", f16, "--quant", "IQ2_XS", "--imatrix", info["imatrix"], "--json")
     assert result.exit_code == 0, result.output
     [a] = json.loads(result.stdout)
-    assert a["settings"] == {"ftype": "IQ2_XS", "imatrix": info["sha256"]}
+    assert a["settings"] == {"outtype": None, "ftype": "IQ2_XS", "imatrix": info["sha256"]}
     assert len(generate(out / "tiny-phimoe-IQ2_XS.gguf")) == 8
 
 
@@ -202,13 +203,13 @@ def test_imatrix_release_records_text_and_quants_and_the_card_says_so(hub, tmp_p
     text = ROOT / "recipes" / "calibration" / "general-en.txt"
     import hashlib
 
-    assert m.imatrix["text"] == "general-en.txt"
-    assert m.imatrix["text_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
-    assert m.artifact("IQ2_XS").settings["imatrix"] == m.imatrix["sha256"]
-    assert "imatrix" not in m.artifact("Q4_K_M").settings
+    assert m.imatrix.text == "general-en.txt"
+    assert m.imatrix.text_sha256 == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert m.artifact("IQ2_XS").settings.imatrix == m.imatrix.sha256
+    assert m.artifact("Q4_K_M").settings.imatrix is None
     card = (out / "README.md").read_text()
     assert "| IQ2_XS (imatrix) |" in card
-    assert f"`general-en.txt` (sha256 {m.imatrix['text_sha256'][:12]}…), used for IQ2_XS" in card
+    assert f"`general-en.txt` (sha256 {m.imatrix.text_sha256[:12]}…), used for IQ2_XS" in card
 
 
 # --- workflows ---------------------------------------------------------------------------------------

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from moeprep import gpu, manifest as mf, smoke
+from moeprep import gpu, manifest as mf, placement, quality, smoke
 from moeprep.cli import main
-from moeprep.plan import kv_cache_bytes, measured_gpu, parse_size, plan
+from moeprep.plan import kv_cache_bytes, plan_file, predict
 from moeprep.probe import probe
+from moeprep.results import FileResult, GpuInfo, PlacementResult, SmokeReport, SmokeSettings, Statistic, Tokens
+from moeprep.units import parse_size
 
 
 def test_smoke_acceptance_every_artifact_both_placements(smoked):
@@ -35,56 +37,56 @@ def test_smoke_acceptance_every_artifact_both_placements(smoked):
         assert sorted(o["tensor"] for o in cpu_moe["overridden"]) == expected
         assert cpu_moe["overrides_match_probe"]
         assert r["placements"]["gpu"]["overridden"] == []
-        assert r["quality"]["positions"] == smoke.QUALITY_TOKENS and r["quality"]["finite"]
+        assert r["quality"]["positions"] == quality.QUALITY_TOKENS and r["quality"]["finite"]
         assert r["greedy_agreement"]["identical"]  # on one CPU both placements compute the same
     assert report["backend"] == "CPU" and report["tools"]["llama_cpp_commit"].startswith("0c1e570")
-    assert m.smoke["artifacts"] == report["artifacts"]
-    assert m.smoke["hardware"]["cpu"] and m.smoke["settings"]["runs"] == 3
+    assert m.to_dict()["smoke"]["artifacts"] == report["artifacts"]
+    assert m.smoke.hardware.cpu and m.smoke.settings.runs == 3
 
 
 def test_smoke_kld_orders_the_quants(smoked):
     out, _ = smoked
-    q = {r["quant"]: r["quality"] for r in mf.load(out).smoke["artifacts"].values()}
-    assert q["F16"]["kld_mean"] == 0 and q["F16"]["top1_agreement"] == 1
-    assert 0 < q["Q8_0"]["kld_mean"] < q["Q4_K_M"]["kld_mean"] < q["Q2_K"]["kld_mean"]
-    assert q["Q8_0"]["top1_agreement"] > q["Q4_K_M"]["top1_agreement"] > q["Q2_K"]["top1_agreement"]
+    q = {r.quant: r.quality for r in mf.load(out).smoke.artifacts.values()}
+    assert q["F16"].kld_mean == 0 and q["F16"].top1_agreement == 1
+    assert 0 < q["Q8_0"].kld_mean < q["Q4_K_M"].kld_mean < q["Q2_K"].kld_mean
+    assert q["Q8_0"].top1_agreement > q["Q4_K_M"].top1_agreement > q["Q2_K"].top1_agreement
 
 
 def test_smoke_override_log_names_cpu_buffers(smoked):
     out, _ = smoked
-    r = mf.load(out).smoke["artifacts"]["tiny-phimoe-Q4_K_M.gguf"]
+    r = mf.load(out).smoke.artifacts["tiny-phimoe-Q4_K_M.gguf"]
     # On a CPU-only build the override target is the CPU buffer type; llama.cpp may pick its
     # repacking variant for it. Every override names a CPU buffer.
-    assert {o["buffer_type"] for o in r["placements"]["cpu-moe"]["overridden"]} <= {"CPU", "CPU_REPACK", "CPU_Mapped"}
-    kinds = {(b["kind"]) for b in r["placements"]["cpu-moe"]["buffers"]}
+    assert {o.buffer_type for o in r.placements["cpu-moe"].overridden} <= {"CPU", "CPU_REPACK", "CPU_Mapped"}
+    kinds = {b.kind for b in r.placements["cpu-moe"].buffers}
     assert {"model", "KV", "compute"} <= kinds
 
 
 def test_smoke_n_cpu_moe_moves_only_the_first_blocks(converted_phimoe):
-    settings = smoke.Settings(runs=1, new_tokens=4)
-    placement = smoke.parse_placement("n-cpu-moe=1")
+    settings = SmokeSettings(runs=1, new_tokens=4)
+    n1 = placement.parse("n-cpu-moe=1")
     expected = [t.name for t in probe(converted_phimoe / "tiny-phimoe-Q8_0.gguf").layers[0].experts]
-    r = smoke.run_placement(converted_phimoe / "tiny-phimoe-Q8_0.gguf", placement, expected, settings, None)
-    assert sorted(o["tensor"] for o in r["overridden"]) == sorted(expected)
-    assert all(o["tensor"].startswith("blk.0.") for o in r["overridden"])
-    assert r["failures"] == []
+    r = smoke.run_placement(converted_phimoe / "tiny-phimoe-Q8_0.gguf", n1, expected, settings, None)
+    assert sorted(o.tensor for o in r.overridden) == sorted(expected)
+    assert all(o.tensor.startswith("blk.0.") for o in r.overridden)
+    assert r.failures == []
 
 
 def test_smoke_override_mismatch_fails(converted_phimoe):
-    r = smoke.run_placement(converted_phimoe / "tiny-phimoe-Q8_0.gguf", smoke.parse_placement("cpu-moe"),
-                            ["blk.0.ffn_up_exps.weight"], smoke.Settings(runs=1, new_tokens=4), None)
-    assert not r["overrides_match_probe"]
-    assert r["failures"] == ["cpu-moe: llama.cpp overrode 6 tensors, the probe expects 1"]
+    r = smoke.run_placement(converted_phimoe / "tiny-phimoe-Q8_0.gguf", placement.parse("cpu-moe"),
+                            ["blk.0.ffn_up_exps.weight"], SmokeSettings(runs=1, new_tokens=4), None)
+    assert not r.overrides_match_probe
+    assert r.failures == ["cpu-moe: llama.cpp overrode 6 tensors, the probe expects 1"]
 
 
 def test_smoke_degenerate_judgement():
-    assert smoke.degenerate([5] * 20 + [1, 2, 3, 4])
-    assert not smoke.degenerate([1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9])
-    assert not smoke.degenerate([7] * 5)  # too short to judge
+    assert quality.degenerate([5] * 20 + [1, 2, 3, 4])
+    assert not quality.degenerate([1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9])
+    assert not quality.degenerate([7] * 5)  # too short to judge
     varied = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
-    assert smoke.degenerates_alone([3] * 12, varied)
-    assert not smoke.degenerates_alone([3] * 12, [1, 2, 3, 4, 5, 6, 7, 8, 4, 4, 4, 4])  # the F16 loops too
-    assert not smoke.degenerates_alone(varied, varied)
+    assert quality.degenerates_alone([3] * 12, varied)
+    assert not quality.degenerates_alone([3] * 12, [1, 2, 3, 4, 5, 6, 7, 8, 4, 4, 4, 4])  # the F16 loops too
+    assert not quality.degenerates_alone(varied, varied)
 
 
 def _crafted(src, dst, edit):
@@ -100,13 +102,13 @@ def _crafted(src, dst, edit):
 
 # A prompt on which the tiny F16 does not fall into a one-token loop (checked below): random-weight
 # models often do, and then no quant can be blamed for it.
-VARIED = smoke.Settings(runs=1, prompt="Numbers such as 1, 2, 3")
+VARIED = SmokeSettings(runs=1, prompt="Numbers such as 1, 2, 3", placements=["gpu"])
 
 
 @pytest.fixture(scope="session")
 def reference(converted_phimoe):
     ref = smoke.reference_for(converted_phimoe / "tiny-phimoe-F16.gguf", None, VARIED)
-    assert not smoke.loops(ref["greedy_tokens"]), ref["greedy_tokens"]
+    assert not quality.loops(ref.greedy_tokens), ref.greedy_tokens
     return ref
 
 
@@ -125,9 +127,9 @@ def test_smoke_fails_crafted_broken_files(case, failure, converted_phimoe, refer
             t["output_norm.weight"][:] = np.nan
 
     path = _crafted(converted_phimoe / "tiny-phimoe-F16.gguf", tmp_path / f"crafted-{case}.gguf", edit)
-    r = smoke.smoke_file(smoke.Target(path, "F16"), [smoke.parse_placement("gpu")], VARIED, None, reference)
-    assert not r["ok"]
-    assert any(failure in f for f in r["failures"]), r["failures"]
+    r = smoke.smoke_file(smoke.Target(path, "F16"), VARIED, None, reference)
+    assert not r.ok
+    assert any(failure in f for f in r.failures), r.failures
 
 
 def test_smoke_cli_exit_code_on_failure(converted_phimoe, tmp_path):
@@ -173,9 +175,9 @@ def cuda_log():
 
 def test_smoke_parses_cuda_log_lines():
     log = smoke.parse_log(cuda_log())
-    assert [o["buffer_type"] for o in log["overridden"]] == ["CUDA_Host"] * 6
-    assert log["overridden"][1] == {"tensor": "blk.0.ffn_down_exps.weight", "type": "q4_K", "buffer_type": "CUDA_Host"}
-    assert {(b["device"], b["kind"]): b["mib"] for b in log["buffers"]} == {
+    assert [o.buffer_type for o in log.overridden] == ["CUDA_Host"] * 6
+    assert log.overridden[1] == smoke.Override("blk.0.ffn_down_exps.weight", "q4_K", "CUDA_Host")
+    assert {(b.device, b.kind): b.mib for b in log.buffers} == {
         ("CUDA0", "model"): 1371.52, ("CUDA_Host", "model"): 1728.0, ("CPU_Mapped", "model"): 81.0,
         ("CUDA_Host", "output"): 0.12, ("CUDA0", "KV"): 512.0, ("CUDA0", "compute"): 300.75,
         ("CUDA_Host", "compute"): 24.01,
@@ -183,15 +185,24 @@ def test_smoke_parses_cuda_log_lines():
 
 
 def test_plan_compares_with_a_recorded_gpu_smoke(converted_phimoe):
-    path = converted_phimoe / "tiny-phimoe-Q4_K_M.gguf"
-    predicted = {p["placement"]: p["weights_on_gpu"] for p in plan(path)["placements"]}
-    buffers = smoke.parse_log(cuda_log())["buffers"]
-    fake_smoke = {"artifacts": {path.name: {"sha256": "s", "placements": {"cpu-moe": {"buffers": buffers}}}}}
-    measured = measured_gpu(fake_smoke, path.name, "s")
-    assert measured == {"cpu-moe": {"model": 1371.52 * 2**20, "KV": 512 * 2**20, "compute": 300.75 * 2**20}}
-    assert measured_gpu(fake_smoke, path.name, "another-sha") == {}  # results of other bytes never count
-    row = next(p for p in plan(path, smoke=fake_smoke, sha256="s")["placements"] if p["placement"] == "cpu-moe")
-    assert row["weights_error_pct"] == pytest.approx(100 * (predicted["cpu-moe"] - 1371.52 * 2**20) / (1371.52 * 2**20))
+    report = probe(converted_phimoe / "tiny-phimoe-Q4_K_M.gguf")
+    predicted = {p.placement: p.weights_on_gpu for p in predict(report).rows}
+    buffers = smoke.parse_log(cuda_log()).buffers
+    none = Statistic()
+    recorded = PlacementResult("cpu-moe", [], [], True, buffers, 1, 1, none, none, none, none, none, Tokens(1, [1]),
+                               [1], None)
+    assert recorded.gpu_bytes() == {"model": 1371.52 * 2**20, "KV": 512 * 2**20, "compute": 300.75 * 2**20}
+    fake = FileResult(report.file, "Q4_K_M", "s", {"cpu-moe": recorded})
+    row = next(p for p in predict(report, smoke=fake).rows if p.placement == "cpu-moe")
+    assert row.weights_error_pct == pytest.approx(100 * (predicted["cpu-moe"] - 1371.52 * 2**20) / (1371.52 * 2**20))
+    # results of other bytes never count: the manifest answers only for the exact sha256
+    m = mf.load(converted_phimoe)
+    art = m.artifact_at(report.file)
+    m.smoke = SmokeReport("2026-11-26T00:00:00+00:00", "CUDA", "ok", gpu.hardware(None), {}, SmokeSettings(), {},
+                          {art.path: FileResult(art.path, "Q4_K_M", "another-sha", {"cpu-moe": recorded})})
+    assert m.smoke_result(art) is None
+    m.smoke.artifacts[art.path].sha256 = art.sha256
+    assert m.smoke_result(art) is m.smoke.artifacts[art.path]
 
 
 class FakeNvml:
@@ -223,8 +234,8 @@ class FakeNvml:
 def test_gpu_nvml_readings():
     nv = gpu.Nvml(FakeNvml([1 * 2**30]))
     [g] = nv.gpus()
-    assert g == {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total_mib": 81559.0, "memory_used_mib": 1024.0,
-                 "driver": "550.54.15", "cuda": "12.4"}
+    assert g == GpuInfo(index=0, name="NVIDIA H100 80GB HBM3", memory_total_mib=81559.0, memory_used_mib=1024.0,
+                        driver="550.54.15", cuda="12.4")
 
 
 def test_gpu_peak_watch_keeps_the_highest_reading():
@@ -239,47 +250,48 @@ def test_gpu_peak_watch_keeps_the_highest_reading():
 def test_gpu_absent_here_is_reported_not_estimated():
     source, why = gpu.nvml()
     assert source is None and why.startswith("NVML unavailable")
-    assert gpu.hardware(None)["gpus"] == []
+    assert gpu.hardware(None).gpus == []
 
 
 def test_plan_acceptance_phi_moe_cpu_moe_keeps_under_10_percent(converted_phimoe):
-    r = plan(converted_phimoe / "tiny-phimoe-F16.gguf", ctx=4096)
-    rows = {p["placement"]: p for p in r["placements"]}
-    assert r["kind"] == "prediction" and r["compute_buffer"].startswith("not included")
-    assert rows["cpu-moe"]["weights_on_gpu"] < 0.10 * r["weights_total"]
-    assert rows["gpu"]["weights_on_gpu"] == r["weights_total"] - r["token_embd_on_cpu"]
-    assert rows["n-cpu-moe=1"]["weights_on_gpu"] > rows["n-cpu-moe=2"]["weights_on_gpu"] == rows["cpu-moe"]["weights_on_gpu"]
+    r = plan_file(converted_phimoe / "tiny-phimoe-F16.gguf", ctx=4096)
+    rows = {p.placement: p for p in r.rows}
+    assert r.kind == "prediction" and r.compute_buffer.startswith("not included")
+    assert rows["cpu-moe"].weights_on_gpu < 0.10 * r.weights_total
+    assert rows["gpu"].weights_on_gpu == r.weights_total - r.token_embd_on_cpu
+    assert rows["n-cpu-moe=1"].weights_on_gpu > rows["n-cpu-moe=2"].weights_on_gpu == rows["cpu-moe"].weights_on_gpu
 
 
 def test_plan_kv_cache_matches_llama_cpp(smoked):
     out, _ = smoked
     m = mf.load(out)
-    ctx = m.smoke["settings"]["ctx"]
-    buffers = m.smoke["artifacts"]["tiny-phimoe-F16.gguf"]["placements"]["gpu"]["buffers"]
-    llama_kv = sum(b["mib"] for b in buffers if b["kind"] == "KV") * 2**20
-    assert kv_cache_bytes(out / "tiny-phimoe-F16.gguf", ctx)[0] == llama_kv
+    ctx = m.smoke.settings.ctx
+    buffers = m.smoke.artifacts["tiny-phimoe-F16.gguf"].placements["gpu"].buffers
+    llama_kv = sum(b.mib for b in buffers if b.kind == "KV") * 2**20
+    assert kv_cache_bytes(probe(out / "tiny-phimoe-F16.gguf"), ctx)[0] == llama_kv
 
 
 def test_plan_vram_names_the_smallest_fit(converted_phimoe):
     path = converted_phimoe / "tiny-phimoe-Q8_0.gguf"
-    rows = {p["placement"]: p["predicted_total"] for p in plan(path, ctx=256)["placements"]}
+    rows = {p.placement: p.predicted_total for p in plan_file(path, ctx=256).rows}
     between = (rows["n-cpu-moe=1"] + rows["gpu"]) // 2
-    assert plan(path, ctx=256, vram=between)["recommended"] == "n-cpu-moe=1"
-    assert plan(path, ctx=256, vram=rows["gpu"])["recommended"] == "gpu"
-    assert plan(path, ctx=256, vram=1)["recommended"] is None
+    assert plan_file(path, ctx=256, vram=between).recommended == "n-cpu-moe=1"
+    assert plan_file(path, ctx=256, vram=rows["gpu"]).recommended == "gpu"
+    assert plan_file(path, ctx=256, vram=1).recommended is None
     result = CliRunner().invoke(main, ["plan", str(path), "--ctx", "256", "--vram", f"{between}B"])
     assert "PREDICTED" in result.output and "smallest placement predicted to fit" in result.output
 
 
 def test_plan_sizes_parse():
-    assert parse_size("24GiB") == 24 * 2**30 and parse_size("16 GB") == 16 * 10**9 and parse_size("512") == 512
-    with pytest.raises(Exception, match="cannot read"):
-        parse_size("lots")
+    assert parse_size("24GiB") == 24 * 2**30 and parse_size("16 GB") == 16 * 10**9 and parse_size("512B") == 512
+    for bad in ("lots", "512", "1.2.3GiB", "."):
+        with pytest.raises(Exception, match="cannot read"):
+            parse_size(bad)
 
 
 def test_plan_dense_model(converted_local):
-    r = plan(converted_local["llama"] / "tiny-llama-Q8_0.gguf")
-    assert not r["is_moe"] and [p["placement"] for p in r["placements"]] == ["gpu"]
+    r = plan_file(converted_local["llama"] / "tiny-llama-Q8_0.gguf")
+    assert not r.is_moe and [p.placement for p in r.rows] == ["gpu"]
 
 
 def test_doctor_reports_the_cpu_backend():

@@ -1,0 +1,43 @@
+"""One lock per output directory, taken by every command that writes into it.
+
+A flock, which the kernel drops when its process dies, so a killed run never leaves it behind.
+The holder's pid and command are written into the lock file so the refusal can name them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import MoeprepError
+
+LOCK = ".moeprep.lock"
+
+
+class Busy(MoeprepError):
+    pass
+
+
+@contextmanager
+def locked(out: Path, what: str = "moeprep") -> Iterator[None]:
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise MoeprepError(f"cannot write into {out} ({e.strerror})", "choose another output directory") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid ?"
+            raise Busy(f"another moeprep command is writing into {out}: {holder} holds {out / LOCK}",
+                       "wait for it to finish; the lock goes away when that process ends") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({what})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

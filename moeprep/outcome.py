@@ -1,0 +1,37 @@
+"""What every stage returns: what it made, what it kept, and what the user should know.
+
+`release` decides whether a stage did work from `made`, never from the wording of a message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+Status = Callable[[str], None]  # one line of what is happening, for humans; stages never print
+
+
+def quiet(line: str) -> None:
+    """The default Status: say nothing."""
+
+
+@dataclass
+class Outcome:
+    stage: str
+    made: list[str] = field(default_factory=list)  # files (or records) this run wrote
+    kept: list[str] = field(default_factory=list)  # already up to date, left as they were
+    notes: list[str] = field(default_factory=list)  # what the user should know: one line each
+    result: Any = None  # the stage's typed record (a SmokeReport, a PushResult, ...), for output
+
+    @property
+    def files(self) -> list[str]:
+        return self.made + self.kept
+
+    @property
+    def did_work(self) -> bool:
+        return bool(self.made)
+
+    def summary(self) -> str:
+        if self.made:
+            return f"made {', '.join(self.made)}"
+        return "up to date" + (f" ({len(self.kept)} kept)" if self.kept else "")

@@ -1,0 +1,143 @@
+"""The one place moeprep writes for humans: status lines to stderr, results to stdout as text or JSON.
+
+Commands hand a typed result and a function that turns it into lines; `--json` prints the same
+result as JSON instead, so output can be piped.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Iterable
+
+import click
+
+from .files import human_bytes as hb
+from .results import text
+
+
+def status(line: str) -> None:
+    click.echo(f"moeprep: {line}", err=True)
+
+
+def jsonable(value) -> object:
+    from pydantic_core import to_jsonable_python
+
+    return to_jsonable_python(value, fallback=str)
+
+
+def emit(result, as_json: bool, lines: Callable[[object], Iterable[str]]) -> None:
+    if as_json:
+        click.echo(json.dumps(jsonable(result), indent=2))
+    else:
+        for line in lines(result):
+            click.echo(line)
+
+
+def notes(outcome) -> None:
+    """What a stage wants the user to know, said whether or not the output is JSON."""
+    for note in outcome.notes:
+        status(f"note: {note}")
+
+
+def outcome_lines(outcome, out=None) -> list[str]:
+    from .manifest import Manifest
+
+    lines = []
+    m = outcome.result
+    if isinstance(m, Manifest) and out is not None:
+        lines = [f"{a.sha256}  {a.size:>14,}  {out / a.path}" for a in m.artifacts]
+    lines.append(f"made {len(outcome.made)}, kept {len(outcome.kept)}" + (f"; manifest: {out / 'manifest.json'}" if out else ""))
+    return lines
+
+
+def artifact_lines(artifacts, folder) -> list[str]:
+    return [f"{a.sha256}  {a.size:>14,}  {folder / a.path}" for a in artifacts]
+
+
+def probe_lines(r, all_n: bool = False) -> list[str]:
+    lines = [f"{r.file}: {r.architecture}, {r.file_type}, {r.n_params / 1e6:,.1f}M parameters, {r.block_count} blocks"]
+    if r.is_moe:
+        lines.append(f"experts: {r.expert_count}, used per token: {r.expert_used_count}, shared: "
+                     f"{r.expert_shared_count}, leading dense blocks: {r.leading_dense_block_count}")
+    lines.append(f"layout: {r.layout}" + ("" if r.loadable else " (current llama.cpp cannot load it)"))
+    lines += [f"note: {note}" for note in r.notes]
+    b = r.bytes
+    lines.append(f"bytes: experts {hb(b['expert'])}, shared experts {hb(b['shared_expert'])}, "
+                 f"routers {hb(b['router'])}, other {hb(b['other'])}, total {hb(b['total'])}")
+    for layer in r.layers:
+        names = ", ".join(t.name.split(".", 2)[2] for t in layer.experts)
+        keep = ", ".join(t.name.split(".", 2)[2] for t in layer.shared + layer.router)
+        lines.append(f"  blk.{layer.block}: experts {hb(layer.expert_bytes)} [{names}]" + (f"; stays on GPU: {keep}" if keep else ""))
+    n_cpu = [p for p in r.placements if p.name.startswith("n-cpu-moe")]
+    shown = [p for p in r.placements if not p.name.startswith("n-cpu-moe")] + (n_cpu if all_n else n_cpu[:4])
+    lines.append("placement          tensors to CPU   bytes to CPU    weights on GPU   override")
+    for p in shown:
+        override = " ".join(p.patterns[:1]) + (" …" if len(p.patterns) > 1 else "") if p.patterns else "(none)"
+        lines.append(f"  {p.name:<16} {p.tensors_moved:>8}   {hb(p.bytes_moved):>14}   {hb(p.bytes_on_gpu):>14}   {override}")
+    return lines
+
+
+def smoke_lines(report) -> list[str]:
+    if report is None:
+        return ["every file's recorded smoke is up to date; nothing measured"]
+    lines = [f"backend {report.backend}; {report.hardware.cpu}; NVML: {report.nvml}"]
+    for name, r in report.artifacts.items():
+        q = r.quality
+        quality = ("KLD not measured" if not q else "non-finite logits" if not q.finite
+                   else f"KLD vs {q.reference} {q.kld_mean:.6f}, top-1 {q.top1_agreement:.3f}")
+        lines.append(f"{name}: {'ok' if r.ok else 'FAILED'}; {quality}")
+        for p in r.placements.values():
+            vram = f"{text(p.vram_mib.peak_generation, 0, True)} MiB peak" if p.vram_mib else "VRAM not measured"
+            lines.append(f"  {p.placement:<14} decode {text(p.decode_tps, 1, True)} tok/s, TTFT {text(p.ttft_s, 4, True)} s, "
+                         f"prompt {text(p.prompt_tps, 1, True)} tok/s, load {text(p.load_s, 3, True)} s; "
+                         f"{len(p.overridden)} tensors overridden ({'= probe' if p.overrides_match_probe else 'MISMATCH'}); {vram}")
+        lines += [f"  failure: {failure}" for failure in r.failures]
+    return lines
+
+
+def plan_lines(r) -> list[str]:
+    kv = r.rows[0].kv_cache if r.rows else 0
+    lines = [f"{r.file}: PREDICTED from the GGUF alone, ctx {r.ctx}; compute buffer not included",
+             f"KV cache {hb(kv)}: {r.kv_cache_method}",
+             f"token_embd ({hb(r.token_embd_on_cpu)}) stays in host memory in every placement",
+             "placement        weights on GPU   + KV cache   predicted   measured (GPU model buffer)"]
+    for p in r.rows:
+        measured = f"{hb(p.measured.model)} ({p.weights_error_pct:+.1f} %)" if p.measured else "no GPU smoke recorded"
+        fits = "" if p.fits is None else ("  fits" if p.fits else "  too big")
+        lines.append(f"  {p.placement:<14} {hb(p.weights_on_gpu):>14} {hb(p.kv_cache):>12} {hb(p.predicted_total):>11}   "
+                     f"{measured}{fits}")
+    if r.vram:
+        lines.append(f"smallest placement predicted to fit {hb(r.vram)}: {r.recommended or 'none'}")
+    return lines
+
+
+def push_lines(result) -> list[str]:
+    lines = []
+    for r in result.repos:
+        lines.append(f"{r.url}" + (f" (commit {r.commit})" if r.commit else ""))
+        lines += [f"  {i.action:<30} {i.size:>14,}  {i.local} -> {r.repo_id}/{i.path_in_repo}" for i in r.items]
+    lines.append(("dry run: nothing uploaded; " if result.dry_run else "") + f"{result.uploaded} files to upload")
+    return lines
+
+
+def release_lines(report) -> list[str]:
+    lines = [f"{name}: {o.summary()}" for name, o in report.stages.items()]
+    lines.append("done" if report.did_work else "nothing to do: every stage was up to date")
+    return lines
+
+
+def doctor_lines(d) -> list[str]:
+    t = d["tools"]
+    lines = [f"llama.cpp {t['llama_cpp_commit']} via llama-cpp-python {t['llama_cpp_python']}; "
+             f"backends: {', '.join(d['backends'])}; GPU offload {'yes' if t['gpu_offload'] else 'no'}"]
+    lines += [f"  {x['name']}: {x['description']} ({x['type']}), {hb(x['memory_total'])} total, {hb(x['memory_free'])} free"
+              for x in d["devices"]]
+    lines.append(f"NVML: {d['nvml']}")
+    hw = d["hardware"]
+    lines += [f"  GPU {g.index}: {g.name}, {g.memory_total_mib:.0f} MiB, driver {g.driver}, CUDA {g.cuda}" for g in hw.gpus]
+    lines.append(f"CPU: {hw.cpu} ({hw.cpu_cores} cores), RAM {hw.ram_gib} GiB")
+    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in t.items()))
+    g = d["gguf"]
+    lines.append(f"gguf module: {g['distribution']} {g['version']}, {g['files_checked']} files checked, "
+                 f"{len(g['files_changed'])} changed")
+    return lines

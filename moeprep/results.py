@@ -1,0 +1,193 @@
+"""The smoke stage's records: what was measured, how, on what, as typed data.
+
+They are stored in the manifest under `smoke` and read by the card, plan and release; a figure is
+always a Statistic (mean, sd, N and the values), and `Statistic.text` is the one way it is shown.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+NOT_MEASURED = "not measured"
+
+
+@dataclass
+class Statistic:
+    mean: float | None = None
+    sd: float | None = None
+    n: int = 0
+    values: list[float | None] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, values: list[float | None]) -> Statistic:
+        clean = [v for v in values if v is not None and math.isfinite(v)]
+        if not clean:
+            return cls(None, None, 0, list(values))
+        return cls(statistics.fmean(clean), statistics.stdev(clean) if len(clean) > 1 else 0.0, len(clean), clean)
+
+    @property
+    def measured(self) -> bool:
+        return self.mean is not None
+
+    def text(self, digits: int = 1, with_n: bool = False) -> str:
+        """`mean ± sd` (and N), or "not measured"."""
+        if self.mean is None:
+            return NOT_MEASURED
+        return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f}" + (f" (N={self.n})" if with_n else "")
+
+
+def text(stat: Statistic | None, digits: int = 1, with_n: bool = False) -> str:
+    return stat.text(digits, with_n) if stat else NOT_MEASURED
+
+
+@dataclass
+class Override:
+    tensor: str
+    type: str
+    buffer_type: str  # CPU, CPU_REPACK, CUDA_Host, ...
+
+
+@dataclass
+class Buffer:
+    device: str  # CPU, CUDA0, CUDA_Host, CPU_Mapped, ...
+    kind: str  # model, KV, compute, output
+    mib: float
+    source: str  # the llama.cpp function that logged it (load_tensors, llama_kv_cache, ...)
+
+    @property
+    def on_gpu(self) -> bool:
+        return not self.device.startswith("CPU") and not self.device.endswith("_Host")
+
+
+@dataclass
+class Vram:
+    method: str
+    before_load: Statistic
+    after_load: Statistic
+    peak_generation: Statistic
+
+
+@dataclass
+class Tokens:
+    prompt: int
+    generated: list[int]
+
+
+@dataclass
+class PlacementResult:
+    placement: str
+    patterns: list[str]
+    overridden: list[Override]
+    overrides_match_probe: bool
+    buffers: list[Buffer]
+    runs: int
+    warmup_runs: int
+    load_s: Statistic
+    ttft_s: Statistic
+    decode_tps: Statistic
+    decode_tps_llama: Statistic
+    prompt_tps: Statistic
+    tokens: Tokens
+    greedy_tokens: list[int]
+    vram_mib: Vram | None
+    failures: list[str] = field(default_factory=list)
+
+    def gpu_bytes(self) -> dict[str, float]:
+        """Bytes of llama.cpp's model, KV and compute buffers on GPU devices (not host-pinned memory)."""
+        on_gpu = [b for b in self.buffers if b.on_gpu]
+        if not on_gpu:
+            return {}
+        return {kind: sum(b.mib for b in on_gpu if b.kind == kind) * 2**20 for kind in ("model", "KV", "compute")}
+
+
+@dataclass
+class Quality:
+    """The quant's next-token distributions against the F16's, over a fixed text."""
+
+    reference: str
+    reference_sha256: str | None
+    text_sha256: str
+    finite: bool
+    kld_mean: float | None = None
+    kld_sd: float | None = None
+    kld_median: float | None = None
+    kld_p99: float | None = None
+    kld_max: float | None = None
+    top1_agreement: float | None = None
+    positions: int | None = None
+
+
+@dataclass
+class GreedyAgreement:
+    between: list[str]
+    positions: int
+    agreement: float | None
+    identical: bool
+    first_difference: int | None
+
+
+@dataclass
+class FileResult:
+    path: str
+    quant: str | None
+    sha256: str | None
+    placements: dict[str, PlacementResult] = field(default_factory=dict)
+    quality: Quality | None = None
+    greedy_agreement: GreedyAgreement | None = None
+    failures: list[str] = field(default_factory=list)
+    ok: bool = True
+
+
+@dataclass
+class GpuInfo:
+    index: int
+    name: str
+    memory_total_mib: float
+    memory_used_mib: float
+    driver: str
+    cuda: str
+
+
+@dataclass
+class Hardware:
+    cpu: str
+    cpu_cores: int | None
+    ram_gib: float | None
+    gpus: list[GpuInfo]
+    os: str
+
+
+@dataclass
+class SmokeSettings:
+    runs: int = 3
+    ctx: int = 512
+    new_tokens: int = 32
+    threads: int | None = None
+    prompt: str = "A mixture of experts routes every token to a few of many feed-forward networks, so"
+    warmup_runs: int = 1
+    quality_tokens: int = 384
+    quality_text_sha256: str = ""
+    placements: list[str] = field(default_factory=lambda: ["gpu", "cpu-moe"])
+
+
+@dataclass
+class SmokeReport:
+    measured_at: str
+    backend: str
+    nvml: str
+    hardware: Hardware
+    tools: dict[str, str | bool | None]
+    settings: SmokeSettings
+    methods: dict[str, str]
+    artifacts: dict[str, FileResult] = field(default_factory=dict)
+
+    def failed(self) -> dict[str, list[str]]:
+        return {name: r.failures for name, r in self.artifacts.items() if not r.ok}
+
+    def merged_into(self, old: SmokeReport | None) -> SmokeReport:
+        """A smoke of one file updates that file's entry and keeps the others' (measured the same way)."""
+        if old is None or old.settings != self.settings or old.hardware != self.hardware:
+            return self
+        return SmokeReport(**{**vars(self), "artifacts": {**old.artifacts, **self.artifacts}})
