@@ -1,0 +1,179 @@
+"""The error catalogue: each bad input, its exact first line, exit code 1, no traceback, nothing that looks finished.
+
+Every row is run through the installed entry point's Click group in-process; `setup` prepares the
+inputs in a fresh directory and returns the arguments.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from moeprep import manifest as mf
+from moeprep.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_RECIPE = ROOT / "tests" / "data" / "recipes" / "tiny-phimoe.yaml"
+FINISHED = ("*.gguf", "README*.md", "manifest.json", "imatrix.gguf", "*.png")
+
+
+def linked_copy(src: Path, dst: Path) -> Path:
+    """A copy of a converted directory whose GGUFs are hard links: cheap, and the session's files stay as they were."""
+    shutil.copytree(src, dst, copy_function=os.link, ignore=shutil.ignore_patterns(".moeprep.lock"))
+    (dst / "manifest.json").unlink()
+    shutil.copy(src / "manifest.json", dst / "manifest.json")
+    return dst
+
+
+def finished_files(root: Path) -> dict[str, int]:
+    found = {}
+    for pattern in FINISHED:
+        for p in root.rglob(pattern):
+            found[str(p.relative_to(root))] = p.stat().st_mtime_ns
+    return found
+
+
+def recipe(tmp: Path, change: dict) -> Path:
+    data = yaml.safe_load(TINY_RECIPE.read_text())
+    for dotted, value in change.items():
+        *parents, key = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[key] = value
+    path = tmp / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# (id, setup(tmp, converted) -> args, expected first line; "{tmp}" and "{dir}" are filled in)
+CASES = [
+    ("out-under-proc", lambda t, d: ["convert", str(d.checkpoint), "--out", "/proc/moeprep-x"],
+     "Error: cannot write into /proc/moeprep-x"),
+    ("out-is-a-file", lambda t, d: ["convert", str(d.checkpoint), "--out", str(_file(t / "taken"))],
+     "Error: cannot write into {tmp}/taken"),
+    ("out-under-a-file", lambda t, d: ["convert", str(d.checkpoint), "--out", str(_file(t / "taken") / "sub")],
+     "Error: cannot write into {tmp}/taken/sub"),
+    ("convert-dotdot", lambda t, d: ["convert", "../etc"],
+     "Error: ../etc is neither a model directory nor a Hub repo id (pass org/name or a folder)"),
+    ("vram-two-dots", lambda t, d: ["plan", str(d.q8), "--vram", "1.2.3GiB"],
+     "Error: cannot read '1.2.3GiB' as a GPU memory size (write it like 24GiB, 16GB or 8000MiB)"),
+    ("vram-dot", lambda t, d: ["plan", str(d.q8), "--vram", "."],
+     "Error: cannot read '.' as a GPU memory size (write it like 24GiB, 16GB or 8000MiB)"),
+    ("vram-no-unit", lambda t, d: ["plan", str(d.q8), "--vram", "24"],
+     "Error: cannot read '24' as a GPU memory size (add a unit: 24GiB or 24GB)"),
+    ("max-shard-two-dots", lambda t, d: ["card", str(d.dir), "--max-shard", "1..5GB"],
+     "Error: cannot read '1..5GB' as a shard size (write it like 24GiB, 16GB or 8000MiB)"),
+    ("max-shard-zero", lambda t, d: ["card", str(d.dir), "--max-shard", "0GB"],
+     "Error: shard size '0GB' is zero (give a positive size, like 50GB)"),
+    ("probe-dir", lambda t, d: ["probe", str(d.dir)],
+     "Error: {dir} is a directory (give the path of a .gguf file in it)"),
+    ("plan-dir", lambda t, d: ["plan", str(d.dir)],
+     "Error: {dir} is a directory (give the path of a .gguf file in it)"),
+    ("manifest-is-a-list", lambda t, d: ["smoke", str(_manifest(d.dir, "[]"))],
+     "Error: {dir}/manifest.json: a manifest must be a JSON object, not list (convert again into a fresh directory)"),
+    ("smoke-listed-file-deleted", lambda t, d: ["smoke", str(_unlink(d.dir, "tiny-phimoe-Q2_K.gguf"))],
+     "Error: {dir}/tiny-phimoe-Q2_K.gguf is listed in the manifest but missing "
+     "(rerun `moeprep convert` to make it again, then smoke again)"),
+    ("n-cpu-moe-huge", lambda t, d: ["smoke", str(d.dir), "--placement", "n-cpu-moe=99999999999"],
+     "Error: placement 'n-cpu-moe=99999999999': N is larger than the block count (no model has over 1024 blocks) "
+     "(use n-cpu-moe=1..1024, or cpu-moe for every block)"),
+    ("n-cpu-moe-over-blocks", lambda t, d: ["smoke", str(d.dir), "--placement", "n-cpu-moe=3"],
+     "Error: placement 'n-cpu-moe=3': N is larger than the block count (the model has 2 blocks) "
+     "(use n-cpu-moe=1..2, or cpu-moe for every block)"),
+    ("imatrix-not-gguf", lambda t, d: ["imatrix", str(_file(t / "x.gguf", b"not a gguf")), "--text", str(TINY_RECIPE)],
+     "Error: {tmp}/x.gguf is not a GGUF file (no GGUF magic at its start) (give the path of a .gguf file)"),
+    ("release-a-directory", lambda t, d: ["release", str(ROOT / "recipes")],
+     "Error: " + str(ROOT / "recipes")),
+    ("recipe-max-shard", lambda t, d: ["release", str(recipe(t, {"hub.max_shard": "1.2.3GB"})), "--dry-run"],
+     "Error: {tmp}/bad.yaml"),
+    ("recipe-runs-zero", lambda t, d: ["release", str(recipe(t, {"smoke.runs": 0})), "--dry-run"],
+     "Error: {tmp}/bad.yaml"),
+    ("recipe-tokens-zero", lambda t, d: ["release", str(recipe(t, {"smoke.tokens": 0})), "--dry-run"],
+     "Error: {tmp}/bad.yaml"),
+    ("recipe-ctx-negative", lambda t, d: ["release", str(recipe(t, {"smoke.ctx": -5})), "--dry-run"],
+     "Error: {tmp}/bad.yaml"),
+    ("recipe-n-cpu-moe-huge", lambda t, d: ["release", str(recipe(t, {"smoke.placements": ["n-cpu-moe=99999999999"]})),
+                                            "--dry-run"],
+     "Error: {tmp}/bad.yaml"),
+]
+
+
+class Converted:
+    def __init__(self, dir: Path, checkpoint: Path):
+        self.dir, self.checkpoint, self.q8 = dir, checkpoint, dir / "tiny-phimoe-Q8_0.gguf"
+
+
+def _file(path: Path, data: bytes = b"x") -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _manifest(folder: Path, text: str) -> Path:
+    (folder / "manifest.json").write_text(text)
+    return folder
+
+
+def _unlink(folder: Path, name: str) -> Path:
+    (folder / name).unlink()
+    return folder
+
+
+@pytest.mark.parametrize("case, setup, first", CASES, ids=[c[0] for c in CASES])
+def test_error_catalogue(case, setup, first, converted_phimoe, checkpoints, tmp_path):
+    tmp = tmp_path / "work"
+    tmp.mkdir()
+    d = Converted(linked_copy(converted_phimoe, tmp / "tiny-phimoe-GGUF"), checkpoints["phimoe"])
+    args = setup(tmp, d)
+    before = finished_files(tmp)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    want = first.format(tmp=tmp, dir=d.dir)
+    assert lines and lines[-1].startswith(want), (lines, want)
+    assert len([line for line in lines if line.startswith("Error: ")]) == 1
+    assert "Traceback" not in result.output
+    after = finished_files(tmp)
+    assert {k: v for k, v in after.items() if before.get(k) != v} == {}, "a failed command left a finished-looking file"
+
+
+def test_error_catalogue_full_disk_while_smoke_writes_the_manifest(converted_phimoe, tmp_path, monkeypatch):
+    """The manifest is written aside and renamed: a full disk leaves the old one, and one line says why."""
+    d = linked_copy(converted_phimoe, tmp_path / "full")
+    old = (d / "manifest.json").read_bytes()
+    import moeprep.files
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(moeprep.files.os, "fsync", full)
+    result = CliRunner().invoke(main, ["smoke", str(d), "--runs", "1", "--tokens", "2", "--placement", "gpu"])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"Error: the disk filled up while writing {d}/manifest.json")
+    assert "Traceback" not in result.output
+    assert (d / "manifest.json").read_bytes() == old and not list(d.glob("*.partial"))
+
+
+def test_error_catalogue_quant_equal_to_the_converted_type_is_nothing_to_do(converted_phimoe, tmp_path):
+    d = linked_copy(converted_phimoe, tmp_path / "f16")
+    before = json.loads((d / "manifest.json").read_text())
+    result = CliRunner().invoke(main, ["quantize", str(d / "tiny-phimoe-F16.gguf"), "--quant", "F16"])
+    assert result.exit_code == 0, result.output
+    assert "note: F16 is the input file itself; nothing to quantize" in result.stderr
+    assert json.loads((d / "manifest.json").read_text()) == before
+
+
+def test_error_catalogue_push_dry_run_writes_nothing(hub, converted_phimoe, tmp_path):
+    d = linked_copy(converted_phimoe, tmp_path / "dry")
+    before = finished_files(d)
+    result = CliRunner().invoke(main, ["card", str(d), "--push", "--repo-id", "me/dry-GGUF", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert finished_files(d) == before and not (d / ".moeprep.lock").exists()
+    assert mf.load(d).artifacts
