@@ -53,6 +53,7 @@ def planned_size(n_params: int, name: str) -> int:
     return int(n_params * BITS_PER_WEIGHT.get(name, 16) / 8 * 1.1)
 
 
+WARN, ERROR = 3, 4  # enum ggml_log_level (INFO is 2, CONT 5)
 _COUNTER = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 
 
@@ -72,12 +73,13 @@ def quantize(src: Path, dst: Path, name: str, nthread: int = 0) -> None:
             if m := _COUNTER.match(text):
                 bar.total = int(m.group(2))
                 bar.update(int(m.group(1)) - bar.n)
-            elif level in (2, 3):  # ggml warnings and errors
-                errors.append(text.strip())
+            elif level in (WARN, ERROR):
+                errors.append(text.strip().removeprefix("llama_model_quantize: "))
 
         with write_aside(dst, planned_size(src.stat().st_size // 2, name)) as tmp, capture_log(on_line):
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
             if rc != 0 or not tmp.is_file():
                 detail = next((e for e in reversed(errors) if e), "no message")
-                raise QuantizeError(f"llama.cpp could not quantize {src.name} to {name}: {detail}",
-                                    "check that the input is a complete GGUF from `moeprep convert`")
+                hint = ("quantize from the F16 (or BF16) file instead" if "requantizing" in detail
+                        else "check that the input is a complete GGUF from `moeprep convert`")
+                raise QuantizeError(f"llama.cpp could not quantize {src.name} to {name}: {detail}", hint)

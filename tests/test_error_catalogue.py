@@ -90,6 +90,9 @@ CASES = [
      "(use n-cpu-moe=1..2, or cpu-moe for every block)"),
     ("imatrix-not-gguf", lambda t, d: ["imatrix", str(_file(t / "x.gguf", b"not a gguf")), "--text", str(TINY_RECIPE)],
      "Error: {tmp}/x.gguf is not a GGUF file (no GGUF magic at its start) (give the path of a .gguf file)"),
+    ("requantize-q2k", lambda t, d: ["quantize", str(d.dir / "tiny-phimoe-Q2_K.gguf"), "--quant", "Q4_K_M"],
+     "Error: llama.cpp could not quantize tiny-phimoe-Q2_K.gguf to Q4_K_M: failed to quantize: requantizing from "
+     "type q2_K is disabled (quantize from the F16 (or BF16) file instead)"),
     ("release-a-directory", lambda t, d: ["release", str(ROOT / "recipes")],
      "Error: " + str(ROOT / "recipes")),
     ("recipe-max-shard", lambda t, d: ["release", str(recipe(t, {"hub.max_shard": "1.2.3GB"})), "--dry-run"],
