@@ -189,12 +189,14 @@ def method_lines(m: Manifest) -> list[str]:
         return lines + ["Speed, VRAM and KLD: not measured (no `moeprep smoke` run is recorded for these files)."]
     hw, st = s.hardware, s.settings
     gpus = ", ".join(f"{g.name} (driver {g.driver}, CUDA {g.cuda})" for g in hw.gpus) or "no GPU"
-    where = (f"backend {s.backend}; {hw.cpu} ({hw.cpu_cores} cores), {gpus}; llama.cpp "
+    where = (f"backend {s.backend}; {hw.cpu} ({hw.physical_cores or '?'} physical cores), {gpus}; llama.cpp "
              f"{s.tools.get('llama_cpp_commit')} via llama-cpp-python {s.tools.get('llama_cpp_python')}; "
              f"measured {s.measured_at}")
+    run = next((p.runtime for r in s.artifacts.values() for p in r.placements.values() if p.runtime), None)
+    ran = run.text() if run else f"threads {st.threads}, flash attention {st.flash_attn}"
     lines.append(f"Decode tok/s and TTFT: N={st.runs} timed runs after {st.warmup_runs} warm-up, mean ± sd; "
-                 f"{st.new_tokens} generated token ids per run, context {st.ctx}; {s.methods['decode_tps']}; "
-                 f"TTFT is {s.methods['ttft_s']}; {where}.")
+                 f"{st.new_tokens} generated token ids per run; llama.cpp ran with {ran} (llama-server's defaults "
+                 f"but the context); {s.methods['decode_tps']}; TTFT is {s.methods['ttft_s']}; {where}.")
     if hw.gpus:
         lines.append(f"VRAM: peak device memory during generation, mean ± sd over N={st.runs}; NVML "
                      f"(nvmlDeviceGetMemoryInfo) polled every 10 ms; {where}.")

@@ -249,11 +249,18 @@ def probe(file: Path, all_n: bool, as_json: bool) -> None:
 @click.option("--ctx", type=click.IntRange(64), default=512, show_default=True, help="Context size.")
 @click.option("--tokens", "new_tokens", type=click.IntRange(2), default=32, show_default=True,
               help="Tokens to generate per run.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads. [default: llama-cpp-python's]")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads. [default: one per physical core, as llama-server]")
+@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Flash attention, as llama-server's --flash-attn.")
+@click.option("--batch", "n_batch", type=click.IntRange(1), default=2048, show_default=True,
+              help="Logical batch size (llama-server's --batch-size).")
+@click.option("--ubatch", "n_ubatch", type=click.IntRange(1), default=512, show_default=True,
+              help="Physical batch size (llama-server's --ubatch-size).")
 @click.option("--reference", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="F16 file for KL divergence. [default: the manifest's converted file]")
 @json_option
-def smoke(target, placements, runs, ctx, new_tokens, threads, reference, as_json) -> None:
+def smoke(target, placements, runs, ctx, new_tokens, threads, flash_attn, n_batch, n_ubatch, reference, as_json) -> None:
     """Load every GGUF with llama.cpp in each placement; measure speed, memory and quality.
 
     TARGET is a GGUF file or an output directory with a manifest; results go into the manifest.
@@ -268,7 +275,8 @@ def smoke(target, placements, runs, ctx, new_tokens, threads, reference, as_json
     from . import smoke as stage
     from .results import SmokeSettings
 
-    settings = SmokeSettings(runs=runs, ctx=ctx, new_tokens=new_tokens, threads=threads)
+    settings = SmokeSettings(runs=runs, ctx=ctx, new_tokens=new_tokens, threads=threads, flash_attn=flash_attn,
+                             n_batch=n_batch, n_ubatch=n_ubatch)
     if placements:
         settings.placements = [placement.parse(p).name for p in placements]
     with writing(target if target.is_dir() else target.parent, f"smoke {target}"):

@@ -10,6 +10,7 @@ import os
 import platform
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from .results import GpuInfo, Hardware
 
@@ -96,6 +97,20 @@ def report() -> dict:
             "tools": versions(), "gguf": gguf_origin()}
 
 
+def physical_cores() -> int:
+    """llama.cpp's default thread count: one per physical core (common's cpu_get_num_physical_cores).
+
+    Counted as the distinct sibling sets in sysfs; where sysfs does not say, every logical CPU counts.
+    """
+    siblings = set()
+    for path in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology/thread_siblings"):
+        try:
+            siblings.add(path.read_text().strip())
+        except OSError:
+            continue
+    return len(siblings) or os.cpu_count() or 1
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -112,6 +127,7 @@ def hardware(source: Nvml | None) -> Hardware:
     return Hardware(
         cpu=cpu_model(),
         cpu_cores=os.cpu_count(),
+        physical_cores=physical_cores(),
         ram_gib=round(pages * os.sysconf("SC_PAGE_SIZE") / 1024**3, 1) if pages else None,
         gpus=source.gpus() if source else [],
         os=platform.platform(),

@@ -114,6 +114,33 @@ def model_params_with_overrides(patterns: list[str]) -> Iterator[None]:
         llama_cpp.llama_model_default_params = original
 
 
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # enum llama_flash_attn_type
+
+
+@contextmanager
+def flash_attn(setting: str) -> Iterator[None]:
+    """Create contexts with llama.cpp's flash-attention type `setting` (auto, on, off).
+
+    llama-cpp-python 0.3.36's Llama() takes flash_attn as a bool (on or off) and has no `auto`, which
+    is llama-server's default; the context params it builds are passed to llama_init_from_model, so the
+    type is set there, as model_params_with_overrides does for the model params.
+    """
+    from llama_cpp import llama_cpp
+
+    value = FLASH_ATTN[setting]
+    original = llama_cpp.llama_init_from_model
+
+    def with_type(model, params):
+        params.flash_attn_type = value
+        return original(model, params)
+
+    llama_cpp.llama_init_from_model = with_type
+    try:
+        yield
+    finally:
+        llama_cpp.llama_init_from_model = original
+
+
 def devices() -> list[dict]:
     """The ggml backend devices compiled in (CPU, CUDA0, ...), with memory where the backend reports it."""
     lib = _lib()

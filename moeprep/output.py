@@ -81,6 +81,9 @@ def smoke_lines(report) -> list[str]:
     if report is None:
         return ["every file's recorded smoke is up to date; nothing measured"]
     lines = [f"backend {report.backend}; {report.hardware.cpu}; NVML: {report.nvml}"]
+    run = next((p.runtime for r in report.artifacts.values() for p in r.placements.values() if p.runtime), None)
+    if run:
+        lines.append(f"llama.cpp ran with {run.text()}")
     for name, r in report.artifacts.items():
         q = r.quality
         quality = ("KLD not measured" if not q else "non-finite logits" if not q.finite

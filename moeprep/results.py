@@ -93,6 +93,7 @@ class PlacementResult:
     greedy_tokens: list[int]
     vram_mib: Vram | None
     failures: list[str] = field(default_factory=list)
+    runtime: Runtime | None = None
 
     def gpu_bytes(self) -> dict[str, float]:
         """Bytes of llama.cpp's model, KV and compute buffers on GPU devices (not host-pinned memory)."""
@@ -153,18 +154,45 @@ class GpuInfo:
 @dataclass
 class Hardware:
     cpu: str
-    cpu_cores: int | None
+    cpu_cores: int | None  # logical CPUs
     ram_gib: float | None
     gpus: list[GpuInfo]
     os: str
+    physical_cores: int | None = None
+
+
+@dataclass
+class Runtime:
+    """What llama.cpp ran with, as its load log states it: the settings that shape every figure."""
+
+    threads: int
+    threads_batch: int
+    n_ctx: int | None = None
+    n_batch: int | None = None
+    n_ubatch: int | None = None
+    flash_attn: str | None = None  # the setting: auto, enabled, disabled
+    flash_attn_used: bool | None = None  # what `auto` resolved to
+
+    def text(self) -> str:
+        fa = self.flash_attn or "?"
+        if self.flash_attn == "auto" and self.flash_attn_used is not None:
+            fa += " (on)" if self.flash_attn_used else " (off)"
+        return (f"threads {self.threads} (batch {self.threads_batch}), flash attention {fa}, n_ctx {self.n_ctx}, "
+                f"n_batch {self.n_batch}, n_ubatch {self.n_ubatch}")
 
 
 @dataclass
 class SmokeSettings:
+    """What a smoke asks for. Defaults are llama-server's: threads = physical cores, flash attention
+    auto, n_batch 2048, n_ubatch 512; the context is small, since a smoke test is short."""
+
     runs: int = 3
     ctx: int = 512
     new_tokens: int = 32
-    threads: int | None = None
+    threads: int | None = None  # None: llama.cpp's default, one per physical core
+    flash_attn: str = "auto"
+    n_batch: int = 2048
+    n_ubatch: int = 512
     prompt: str = "A mixture of experts routes every token to a few of many feed-forward networks, so"
     warmup_runs: int = 1
     quality_tokens: int = 384

@@ -21,41 +21,64 @@ from .files import sha256_file
 from .outcome import Outcome, Status, quiet
 from .placement import Placement
 from .probe import expected_overrides, probe
-from .results import (Buffer, FileResult, Override, PlacementResult, SmokeReport, SmokeSettings, Statistic, Tokens,
-                      Vram)
+from .results import (Buffer, FileResult, Override, PlacementResult, Runtime, SmokeReport, SmokeSettings, Statistic,
+                      Tokens, Vram)
 
 _OVERRIDE = re.compile(r"^tensor (\S+) \((\d+) MiB (\S+)\) buffer type overridden to (\S+)")
 _BUFFER = re.compile(r"^(\w+):\s+(\S+)\s+(model|KV|compute|output) buffer size =\s*([\d.]+) MiB")
+_CONTEXT = re.compile(r"^llama_context: (n_ctx|n_batch|n_ubatch|flash_attn)\s+= (\S+)")
+_FLASH_USED = re.compile(r"Flash Attention (enabled|disabled)")
 
 
 @dataclass
 class LoadLog:
     overridden: list[Override]
     buffers: list[Buffer]
+    context: dict[str, str]  # llama_context's own n_ctx, n_batch, n_ubatch, flash_attn
+    flash_attn_used: bool | None = None
 
 
 def parse_log(text: str) -> LoadLog:
-    """The overridden tensors and per-device buffer sizes in a llama.cpp load log."""
-    log = LoadLog([], [])
+    """The overridden tensors, per-device buffer sizes and context settings in a llama.cpp load log."""
+    log = LoadLog([], [], {})
     for line in text.splitlines():
         if m := _OVERRIDE.match(line.strip()):
             log.overridden.append(Override(m.group(1), m.group(3), m.group(4)))
         elif m := _BUFFER.match(line.strip()):
             log.buffers.append(Buffer(m.group(2), m.group(3), float(m.group(4)), m.group(1)))
+        elif m := _CONTEXT.match(line.strip()):
+            log.context[m.group(1)] = m.group(2)
+        elif log.flash_attn_used is None and (m := _FLASH_USED.search(line)):
+            log.flash_attn_used = m.group(1) == "enabled"
     return log
 
 
-def _open(path: Path, patterns: list[str], *, n_ctx: int, threads: int | None, logits_all: bool = False):
-    """Load `path` with the given overrides, every layer offloaded; returns (llm, load log, seconds)."""
+def runtime(log: LoadLog, settings: SmokeSettings) -> Runtime:
+    def number(key: str) -> int | None:
+        value = log.context.get(key, "")
+        return int(value) if value.isdigit() else None
+
+    return Runtime(settings.threads, settings.threads, number("n_ctx"), number("n_batch"), number("n_ubatch"),
+                   log.context.get("flash_attn"), log.flash_attn_used)
+
+
+def _open(path: Path, patterns: list[str], settings: SmokeSettings, *, n_ctx: int | None = None,
+          logits_all: bool = False):
+    """Load `path` with the given overrides, every layer offloaded, as llama-server would with `settings`.
+
+    Returns (llm, load log, seconds).
+    """
     from llama_cpp import Llama
 
-    from .libllama import capture_log, model_params_with_overrides
+    from .libllama import capture_log, flash_attn, model_params_with_overrides
 
     lines: list[str] = []
-    with capture_log(lambda level, text: lines.append(text)), model_params_with_overrides(patterns):
+    with capture_log(lambda level, text: lines.append(text)), model_params_with_overrides(patterns), \
+            flash_attn(settings.flash_attn):
         start = time.perf_counter()
         try:
-            llm = Llama(str(path), n_ctx=n_ctx, n_gpu_layers=-1, n_threads=threads, n_batch=min(512, n_ctx),
+            llm = Llama(str(path), n_ctx=n_ctx or settings.ctx, n_gpu_layers=-1, n_threads=settings.threads,
+                        n_threads_batch=settings.threads, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
                         logits_all=logits_all, verbose=False, seed=0)
         except Exception as e:  # llama-cpp-python raises ValueError("Failed to load model from file")
             tail = [line.strip() for line in lines if "error" in line.lower()][-1:] or [str(e)]
@@ -111,7 +134,7 @@ def run_placement(path: Path, placement: Placement, expected: list[str], setting
     n_prompt = 0
     for i in range(settings.runs + settings.warmup_runs):
         used_before = nvml.used_mib() if nvml else None
-        llm, text, seconds = _open(path, placement.patterns, n_ctx=settings.ctx, threads=settings.threads)
+        llm, text, seconds = _open(path, placement.patterns, settings)
         try:
             used_after = nvml.used_mib() if nvml else None
             prompt = llm.tokenize(settings.prompt.encode())
@@ -157,14 +180,15 @@ def run_placement(path: Path, placement: Placement, expected: list[str], setting
         greedy_tokens=gens[0].tokens,
         vram_mib=Vram(METHODS["vram"], Statistic.of(before), Statistic.of(after), Statistic.of(peaks)) if nvml else None,
         failures=failures,
+        runtime=runtime(log, settings),
     )
 
 
-def logits(path: Path, tokens: list[int], threads: int | None):
+def logits(path: Path, tokens: list[int], settings: SmokeSettings):
     """Next-token logits at every position of `tokens` (one llama.cpp eval with logits_all)."""
     import numpy as np
 
-    llm, _, _ = _open(path, [], n_ctx=len(tokens) + 16, threads=threads, logits_all=True)
+    llm, _, _ = _open(path, [], settings, n_ctx=len(tokens) + 16, logits_all=True)
     try:
         llm.eval(tokens)
         return np.array(llm.scores[: len(tokens)], dtype=np.float64)
@@ -174,13 +198,13 @@ def logits(path: Path, tokens: list[int], threads: int | None):
 
 def reference_for(path: Path, sha256: str | None, settings: SmokeSettings) -> quality.Reference:
     """The F16's logits over the fixed text and its greedy output on the prompt."""
-    llm, _, _ = _open(path, [], n_ctx=settings.ctx, threads=settings.threads)
+    llm, _, _ = _open(path, [], settings)
     try:
         tokens = llm.tokenize(quality.TEXT.encode())[: settings.quality_tokens]
         greedy = _generate(llm, llm.tokenize(settings.prompt.encode()), settings.new_tokens).tokens
     finally:
         llm.close()
-    return quality.Reference(path.name, sha256, tokens, logits(path, tokens, settings.threads), greedy)
+    return quality.Reference(path.name, sha256, tokens, logits(path, tokens, settings), greedy)
 
 
 @dataclass
@@ -209,7 +233,7 @@ def smoke_file(target: Target, settings: SmokeSettings, nvml: gpu.Nvml | None,
 
     if reference is not None:
         status(f"smoke {target.path.name}: KL divergence against {reference.path}")
-        result.quality = quality.compare(reference, logits(target.path, reference.tokens, settings.threads))
+        result.quality = quality.compare(reference, logits(target.path, reference.tokens, settings))
         if not result.quality.finite:
             result.failures.append("NaN or inf in the logits")
         first = result.placements[names[0]].greedy_tokens
@@ -242,7 +266,9 @@ def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path 
     from .libllama import backends, devices
     from .tools import versions
 
-    settings = replace(settings or SmokeSettings(), quality_text_sha256=quality.TEXT_SHA256)
+    settings = settings or SmokeSettings()
+    settings = replace(settings, threads=settings.threads or gpu.physical_cores(),
+                       quality_text_sha256=quality.TEXT_SHA256)
     for name in settings.placements:
         placements_.parse(name)
     out = target if target.is_dir() else target.parent

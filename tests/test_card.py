@@ -89,6 +89,7 @@ def test_card_with_smoke_data_shows_measured_figures_and_plot(smoked, tmp_path):
     assert "![Decode speed and memory per quant and placement](moeprep-smoke.png)" in text
     assert (out / "moeprep-smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "N=3 timed runs after 1 warm-up" in text and "VRAM: not measured: the smoke ran without a GPU" in text
+    assert "llama.cpp ran with threads" in text and "flash attention auto (on)" in text and "n_ubatch 512" in text
     assert "hf download me/tiny-phimoe-GGUF tiny-phimoe-Q4_K_M.gguf" in text
     assert lint(out / "README.md") == []
 

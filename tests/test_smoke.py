@@ -44,6 +44,27 @@ def test_smoke_acceptance_every_artifact_both_placements(smoked):
     assert m.smoke.hardware.cpu and m.smoke.settings.runs == 3
 
 
+def test_smoke_measures_with_llama_server_defaults_and_records_them(smoked):
+    """threads = physical cores, flash attention auto, n_batch 2048 (capped at n_ctx by llama.cpp), n_ubatch 512,
+    read back from llama.cpp's own load log for every placement of every file."""
+    out, _ = smoked
+    s = mf.load(out).smoke
+    assert (s.settings.threads, s.settings.flash_attn, s.settings.n_batch, s.settings.n_ubatch) == (
+        gpu.physical_cores(), "auto", 2048, 512)
+    for result in s.artifacts.values():
+        for p in result.placements.values():
+            r = p.runtime
+            assert (r.threads, r.threads_batch) == (gpu.physical_cores(),) * 2
+            assert (r.n_ctx, r.n_batch, r.n_ubatch) == (s.settings.ctx, min(2048, s.settings.ctx), 512)
+            assert r.flash_attn == "auto" and r.flash_attn_used is True  # the CPU backend runs flash attention
+
+
+def test_smoke_flash_attn_off_is_recorded(converted_phimoe):
+    settings = SmokeSettings(runs=1, new_tokens=4, threads=1, flash_attn="off")
+    r = smoke.run_placement(converted_phimoe / "tiny-phimoe-Q8_0.gguf", placement.parse("gpu"), [], settings, None)
+    assert (r.runtime.flash_attn, r.runtime.flash_attn_used, r.runtime.threads) == ("disabled", None, 1)
+
+
 def test_smoke_kld_orders_the_quants(smoked):
     out, _ = smoked
     q = {r.quant: r.quality for r in mf.load(out).smoke.artifacts.values()}
