@@ -85,10 +85,15 @@ def test_card_with_smoke_data_shows_measured_figures_and_plot(smoked, tmp_path):
         tps = s.placements["gpu"].decode_tps
         assert rows[a.path][6] == f"{tps.mean:.1f} ± {tps.sd:.1f}"
         assert rows[a.path][9] == f"{s.quality.kld_mean:.6f}"
-        assert rows[a.path][4] == "not measured"  # no GPU here: VRAM is never estimated
+        vram = s.placements["gpu"].vram_mib
+        # VRAM is a measured figure where NVML answers, and never estimated where it does not
+        assert rows[a.path][4] == (f"{vram.peak_generation.mean:.0f} ± {vram.peak_generation.sd:.0f}" if vram
+                                   else "not measured")
     assert "![Decode speed and memory per quant and placement](moeprep-smoke.png)" in text
     assert (out / "moeprep-smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "N=3 timed runs after 1 warm-up" in text and "VRAM: not measured: the smoke ran without a GPU" in text
+    assert "N=3 timed runs after 1 warm-up" in text
+    assert ("VRAM: peak device memory" in text) if m.smoke.hardware.gpus else (
+        "VRAM: not measured: the smoke ran without a GPU" in text)
     assert "llama.cpp ran with threads" in text and "flash attention auto (on)" in text and "n_ubatch 512" in text
     assert "hf download me/tiny-phimoe-GGUF tiny-phimoe-Q4_K_M.gguf" in text
     assert lint(out / "README.md") == []

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,10 +11,17 @@ from click.testing import CliRunner
 
 from moeprep import gpu, manifest as mf, placement, quality, smoke
 from moeprep.cli import main
+from moeprep.libllama import versions
 from moeprep.plan import kv_cache_bytes, plan_file, predict
 from moeprep.probe import probe
 from moeprep.results import FileResult, GpuInfo, PlacementResult, SmokeReport, SmokeSettings, Statistic, Tokens
 from moeprep.units import parse_size
+
+DATA = Path(__file__).parent / "data"
+# What this machine's build and driver should give: the suite runs on a CPU build here and on a CUDA
+# build where a GPU is lent, and checks what the backend present should do, never assumes one.
+GPU_BUILD = bool(versions()["gpu_offload"])
+NVML, NVML_WHY = gpu.nvml()
 
 
 def test_smoke_acceptance_every_artifact_both_placements(smoked):
@@ -32,14 +40,18 @@ def test_smoke_acceptance_every_artifact_both_placements(smoked):
                 assert p[figure]["n"] == 3 and p[figure]["sd"] is not None and p[figure]["mean"] > 0, (name, figure)
             assert p["tokens"]["generated"] == [32, 32, 32]  # token ids counted, not words
             assert p["tokens"]["prompt"] > 0
-            assert p["vram_mib"] is None  # no NVIDIA driver here: not measured, never estimated
+            if NVML is None:  # no NVIDIA driver: not measured, never estimated
+                assert p["vram_mib"] is None
+            else:
+                assert p["vram_mib"]["peak_generation"]["n"] == 3 and p["vram_mib"]["peak_generation"]["mean"] > 0
         cpu_moe = r["placements"]["cpu-moe"]
         assert sorted(o["tensor"] for o in cpu_moe["overridden"]) == expected
         assert cpu_moe["overrides_match_probe"]
         assert r["placements"]["gpu"]["overridden"] == []
         assert r["quality"]["positions"] == quality.QUALITY_TOKENS and r["quality"]["finite"]
         assert r["greedy_agreement"]["identical"]  # on one CPU both placements compute the same
-    assert report["backend"] == "CPU" and report["tools"]["llama_cpp_commit"].startswith("0c1e570")
+    assert report["backend"] == ("CUDA" if GPU_BUILD else "CPU")
+    assert report["tools"]["llama_cpp_commit"].startswith("0c1e570")
     assert m.to_dict()["smoke"]["artifacts"] == report["artifacts"]
     assert m.smoke.hardware.cpu and m.smoke.settings.runs == 3
 
@@ -76,9 +88,10 @@ def test_smoke_kld_orders_the_quants(smoked):
 def test_smoke_override_log_names_cpu_buffers(smoked):
     out, _ = smoked
     r = mf.load(out).smoke.artifacts["tiny-phimoe-Q4_K_M.gguf"]
-    # On a CPU-only build the override target is the CPU buffer type; llama.cpp may pick its
-    # repacking variant for it. Every override names a CPU buffer.
-    assert {o.buffer_type for o in r.placements["cpu-moe"].overridden} <= {"CPU", "CPU_REPACK", "CPU_Mapped"}
+    # The override target is the CPU buffer type. On a CPU-only build llama.cpp may pick its repacking
+    # variant; on CUDA it is pinned host memory, CUDA_Host.
+    want = {"CUDA_Host"} if GPU_BUILD else {"CPU", "CPU_REPACK", "CPU_Mapped"}
+    assert {o.buffer_type for o in r.placements["cpu-moe"].overridden} <= want
     kinds = {b.kind for b in r.placements["cpu-moe"].buffers}
     assert {"model", "KV", "compute"} <= kinds
 
@@ -205,6 +218,24 @@ def test_smoke_parses_cuda_log_lines():
     }
 
 
+@pytest.mark.parametrize("quant", ["F16", "Q4_K_M"])
+@pytest.mark.parametrize("name, moved", [("gpu", 0), ("cpu-moe", 24), ("n-cpu-moe-4", 12)])
+def test_smoke_parses_the_recorded_h200_load_logs(quant, name, moved):
+    """The raw llama.cpp CUDA load logs of the first GPU run: an 8-block, 16-expert Phi-MoE, 3 expert tensors
+    (gate, up, down) per block, so cpu-moe moves 24 and n-cpu-moe=4 moves 12, all to pinned host memory."""
+    log = smoke.parse_log((DATA / "cuda" / f"log-phimoe-gpu-{quant}-{name}.txt").read_text())
+    assert len(log.overridden) == moved and {o.buffer_type for o in log.overridden} <= {"CUDA_Host"}
+    by = {(b.device, b.kind): b.mib for b in log.buffers}
+    assert by[("CUDA0", "model")] > 0 and by[("CUDA0", "KV")] == 6.0 and by[("CUDA0", "compute")] > 0
+    if name == "cpu-moe":  # with mmap on, the experts overridden to host memory end in the mapped CPU buffer
+        assert by[("CPU_Mapped", "model")] > 20 * by[("CUDA0", "model")]
+    assert log.context == {"n_ctx": "512", "n_batch": "512", "n_ubatch": "512", "flash_attn": "disabled"}
+    none = Statistic()
+    result = PlacementResult(name, [], log.overridden, True, log.buffers, 1, 1, none, none, none, none, none,
+                             Tokens(1, [1]), [1], None)
+    assert result.gpu_bytes()["model"] == by[("CUDA0", "model")] * 2**20
+
+
 def test_plan_compares_with_a_recorded_gpu_smoke(converted_phimoe):
     report = probe(converted_phimoe / "tiny-phimoe-Q4_K_M.gguf")
     predicted = {p.placement: p.weights_on_gpu for p in predict(report).rows}
@@ -268,10 +299,14 @@ def test_gpu_peak_watch_keeps_the_highest_reading():
     assert watch.peak_mib == 900.0
 
 
-def test_gpu_absent_here_is_reported_not_estimated():
-    source, why = gpu.nvml()
-    assert source is None and why.startswith("NVML unavailable")
-    assert gpu.hardware(None).gpus == []
+def test_gpu_nvml_is_read_where_a_driver_is_and_reported_absent_where_not():
+    if NVML is None:
+        assert NVML_WHY.startswith(("NVML unavailable", "nvidia-ml-py is not installed"))
+        assert gpu.hardware(None).gpus == []
+    else:
+        assert NVML_WHY == "ok"
+        gpus = gpu.hardware(NVML).gpus
+        assert gpus and all(g.memory_total_mib > 0 and g.driver for g in gpus)
 
 
 def test_plan_acceptance_phi_moe_cpu_moe_keeps_under_10_percent(converted_phimoe):
@@ -315,11 +350,12 @@ def test_plan_dense_model(converted_local):
     assert not r.is_moe and [p.placement for p in r.rows] == ["gpu"]
 
 
-def test_doctor_reports_the_cpu_backend():
+def test_doctor_reports_the_backends_present():
     result = CliRunner().invoke(main, ["doctor", "--json"])
     assert result.exit_code == 0
     data = json.loads(result.stdout)
-    assert data["backends"] == ["CPU"] and data["tools"]["gpu_offload"] is False
-    assert data["nvml"].startswith("NVML unavailable")
+    assert data["backends"] == (["CPU", "CUDA"] if GPU_BUILD else ["CPU"])
+    assert data["tools"]["gpu_offload"] is GPU_BUILD
+    assert (data["nvml"] == "ok") is (NVML is not None)
     assert data["tools"]["llama_cpp_commit"].startswith("0c1e570")
     assert data["gguf"]["files_changed"] == []
