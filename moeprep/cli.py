@@ -407,25 +407,26 @@ def doctor(as_json: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo"), show_default=True,
               help="Where the tiny model and its GGUFs go.")
 @click.option("--kind", type=click.Choice(["phimoe", "mixtral", "llama"]), default="phimoe", show_default=True)
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Timed smoke runs per placement.")
 @json_option
-@click.pass_context
-def demo(ctx: click.Context, out: Path, kind: str, as_json: bool) -> None:
-    """Run the whole convert job on a tiny MoE model generated here (no network).
+def demo(out: Path, kind: str, runs: int, as_json: bool) -> None:
+    """Run the whole job on a tiny MoE model generated here (no network, no push).
 
     It builds a random-weight checkpoint whose config mirrors Phi-3.5-MoE (16 experts, top-2,
-    longrope, biases), then converts, quantizes and probes it like `moeprep convert`.
+    longrope, biases), then converts, quantizes, probes, smokes, plans and writes the card
+    (a local draft: it names no base model, so push refuses it).
 
     \b
     Example:
       moeprep demo --out demo
     """
-    from .demo import checkpoint
+    from .demo import run
 
-    source = checkpoint(kind, out, status=status)
-    ctx.invoke(convert, source=str(source), out=out / f"{source.name}-GGUF", outtype="f16", quants=(), revision=None,
-               threads=0, imatrix_text=None, as_json=as_json)
-    if not as_json:
-        click.echo(f"next: moeprep probe {out / f'{source.name}-GGUF' / f'{source.name}-Q4_K_M.gguf'}")
+    done = run(kind, out, runs=runs, status=status)
+    output.notes(done.convert)
+    emit({"out": done.out, "made": done.convert.made + done.smoke.made + done.card.made,
+          "manifest": done.manifest.to_dict(), "plan": done.plan, "card": done.card.result},
+         as_json, lambda r: output.demo_lines(done))
 
 
 if __name__ == "__main__":

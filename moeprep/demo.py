@@ -1,17 +1,25 @@
-"""Tiny synthetic checkpoints that mirror real MoE configs, for the demo and the tests.
+"""The demo: the whole job on a tiny synthetic checkpoint that mirrors a real MoE config.
 
 Each config.json copies the real model's (the exact `architectures` string, rope scaling, biases) at
 small width. Widths are multiples of 256 so the K-quants really apply. The tokenizer is a
-sentencepiece model trained here on a built-in text: nothing is downloaded.
+sentencepiece model trained here on a built-in text: nothing is downloaded. The same checkpoints are
+the tests' fixtures.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .quality import TEXT
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
+    from .outcome import Outcome
+    from .plan import Plan
 
 KINDS = ("phimoe", "mixtral", "llama")
 
@@ -112,6 +120,39 @@ def _tensors(config: dict, seed: int) -> dict:
     if config.get("lm_head_bias"):
         t["lm_head.bias"] = w(v)
     return t
+
+
+@dataclass
+class DemoRun:
+    out: Path
+    convert: Outcome
+    smoke: Outcome
+    plan: Plan
+    card: Outcome
+    manifest: Manifest  # as the job left it, smoke results included
+
+
+def run(kind: str, out: Path, *, runs: int = 3, status=lambda line: None) -> DemoRun:
+    """Build the checkpoint, then convert, quantize, probe, smoke, plan and write the card (a local draft)."""
+    from . import card, smoke
+    from . import manifest as mf
+    from .errors import MoeprepError
+    from .lock import locked
+    from .pipeline import artifact_name, prepare
+    from .plan import plan_file
+    from .results import SmokeSettings
+
+    source = checkpoint(kind, out, status)
+    folder = Path(out) / f"{source.name}-GGUF"
+    with locked(folder, "demo"):
+        converted = prepare(str(source), out=folder, status=status)
+        smoked = smoke.run(folder, SmokeSettings(runs=runs), only_stale=True, status=status)
+        if smoked.result and (failed := smoked.result.failed()):
+            name, reasons = next(iter(failed.items()))
+            raise MoeprepError(f"the demo's smoke failed for {name}: {reasons[0]}", "report this as a moeprep bug")
+        plan = plan_file(folder / artifact_name(source.name, "Q4_K_M"))
+        written = card.write(folder, card.CardOptions(draft=True), status=status)
+    return DemoRun(folder, converted, smoked, plan, written, mf.load(folder))
 
 
 def checkpoint(kind: str, out: Path, status=lambda line: None) -> Path:

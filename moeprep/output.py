@@ -129,6 +129,15 @@ def release_lines(report) -> list[str]:
     return lines
 
 
+def demo_lines(done) -> list[str]:
+    lines = outcome_lines(done.convert, done.out)
+    lines += smoke_lines(done.smoke.result) if done.smoke.result else ["smoke: every file's recorded smoke is up to date"]
+    lines += plan_lines(done.plan)
+    lines += [f"card: {p}" for p in done.card.result]
+    lines.append(f"next: moeprep probe {done.out / done.plan.file}")
+    return lines
+
+
 def doctor_lines(d) -> list[str]:
     t = d["tools"]
     lines = [f"llama.cpp {t['llama_cpp_commit']} via llama-cpp-python {t['llama_cpp_python']}; "

@@ -4,12 +4,14 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from moeprep import manifest as mf
 from moeprep.cli import main
+from moeprep.lint import lint
 from tests.llm import generate
 
 
@@ -63,11 +65,18 @@ def test_cli_quantize_alone_records_in_the_manifest(converted_local, tmp_path):
 
 
 def test_cli_demo_runs_the_main_job(tmp_path):
-    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--json"])
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--runs", "1", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [a["quant"] for a in data["manifest"]["artifacts"]] == ["F16", "Q8_0", "Q4_K_M", "Q2_K"]
     assert data["manifest"]["artifacts"][0]["probe"]["expert_count"] == 16
+    # the whole job: every file smoked, a plan, and a card whose figures all trace to the manifest
+    assert set(data["manifest"]["smoke"]["artifacts"]) == {a["path"] for a in data["manifest"]["artifacts"]}
+    assert data["plan"]["kind"] == "prediction" and data["plan"]["rows"]
+    card = Path(data["card"][0])
+    text = card.read_text()
+    assert "decode tok/s" in text and "![Decode speed" in text and "a local model (tiny-phimoe, not on the Hub)" in text
+    assert set(lint(card)) == {"front matter: missing base_model", "front matter: missing base_model_relation"}
 
 
 def test_cli_manifest_round_trips_and_rejects_other_formats(converted_phimoe, tmp_path):
