@@ -7,6 +7,7 @@ against its manifest: a figure in a card is the manifest's figure, or the card f
 from __future__ import annotations
 
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +42,8 @@ def file_rows(manifest: Manifest, artifacts: list[mf.Artifact]) -> list[list[str
         places = entry.placements if entry else {}
 
         def vram(name):
-            p = places.get(name)
-            return text(p.vram_mib.peak_generation, 0) if p and p.vram_mib else NOT_MEASURED
+            need = places[name].gpu_mib() if name in places else None
+            return f"{need:.0f}" if need is not None else NOT_MEASURED
 
         def tps(name):
             return text(places[name].decode_tps, 1) if name in places else NOT_MEASURED
@@ -129,8 +130,8 @@ class CardOptions:
     quantized_by: str = "moeprep"
     base_model: str | None = None
     template: Path | None = None
-    draft: bool = False  # a card to read locally (the demo's): a local source needs no base model, push refuses it
     max_shard: int | None = None  # split files larger than this before the card lists them
+    draft: bool = False  # a card to read locally (the demo's): a local source needs no base model, push refuses it
 
 
 def context(out: Path, m: Manifest, repo: RepoCard, options: CardOptions) -> dict:
@@ -200,14 +201,29 @@ def method_lines(m: Manifest) -> list[str]:
     lines.append(f"Decode tok/s and TTFT: N={st.runs} timed runs after {st.warmup_runs} warm-up, mean ± sd; "
                  f"{st.new_tokens} generated token ids per run; llama.cpp ran with {ran} (llama-server's defaults "
                  f"but the context); {s.methods['decode_tps']}; TTFT is {s.methods['ttft_s']}; {where}.")
-    if hw.gpus:
-        lines.append(f"VRAM: peak device memory during generation, mean ± sd over N={st.runs}; NVML "
-                     f"(nvmlDeviceGetMemoryInfo) polled every 10 ms; {where}.")
-    else:
-        lines.append(f"VRAM: not measured: the smoke ran without a GPU ({where}).")
+    lines.append(vram_line(s, where))
     lines.append(f"KLD vs F16 and top-1: {s.methods['kld']}; {st.quality_tokens} positions of a fixed "
                  f"text (sha256 {st.quality_text_sha256[:12]}…); {where}.")
     return lines
+
+
+def vram_line(s, where: str) -> str:
+    """How the VRAM columns were measured, with the runtime overhead (the same for every file) stated once."""
+    results = [p for r in s.artifacts.values() for p in r.placements.values() if p.gpu_mib() is not None]
+    if not results:
+        return f"VRAM: not measured: the smoke ran without a GPU ({where})."
+    own = [o for p in results if (o := p.overhead_mib()) is not None]
+    if own:
+        overhead = (f"the process's CUDA context and runtime add {statistics.fmean(own):.0f} MiB on top (NVML's "
+                    f"per-process peak minus those buffers, mean over {len(own)} loads)")
+    else:
+        device = [p.vram_mib.peak_generation.mean - p.vram_mib.before_load.mean - p.gpu_mib() for p in results
+                  if p.vram_mib and p.vram_mib.peak_generation.mean is not None]
+        overhead = (f"the CUDA context and runtime add about {statistics.fmean(device):.0f} MiB on top (device-wide "
+                    f"NVML peak minus the reading before load minus those buffers, a fallback: this driver does not "
+                    f"report per-process memory)" if device else "the runtime overhead was not measured")
+    return (f"VRAM: what the placement needs on the GPU: llama.cpp's model + KV + compute buffers there, as its load "
+            f"log states them; {overhead}; {where}.")
 
 
 def provenance_lines(m: Manifest) -> list[str]:
@@ -262,7 +278,7 @@ def plot(manifest: Manifest, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     placements = sorted({p for _, e in entries for p in e.placements})
-    has_vram = any(r.vram_mib for _, e in entries for r in e.placements.values())
+    has_vram = any(r.gpu_mib() is not None for _, e in entries for r in e.placements.values())
     fig, axes = plt.subplots(1, 2 if has_vram else 1, figsize=(10 if has_vram else 6, 4), squeeze=False)
     width = 0.8 / len(placements)
     for i, p in enumerate(placements):
@@ -271,10 +287,9 @@ def plot(manifest: Manifest, out: Path) -> Path | None:
         axes[0][0].bar(xs, [r.decode_tps.mean or 0 if r else 0 for r in results], width,
                        yerr=[r.decode_tps.sd or 0 if r else 0 for r in results], label=p)
         if has_vram:
-            axes[0][1].bar(xs, [r.vram_mib.peak_generation.mean or 0 if r and r.vram_mib else 0 for r in results],
-                           width, label=p)
+            axes[0][1].bar(xs, [r.gpu_mib() or 0 if r else 0 for r in results], width, label=p)
     s = manifest.smoke
-    for ax, title in zip(axes[0], ["decode tok/s (mean ± sd)", "peak VRAM during generation (MiB)"]):
+    for ax, title in zip(axes[0], ["decode tok/s (mean ± sd)", "GPU: model + KV + compute buffers (MiB)"]):
         ax.set_xticks([j + width * (len(placements) - 1) / 2 for j in range(len(entries))], [q for q, _ in entries])
         ax.set_title(title)
         ax.legend()

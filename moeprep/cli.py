@@ -345,7 +345,8 @@ def card(directory, repo_id, layout, template, max_shard, quantized_by, base_mod
         raise MoeprepError("--push needs --repo-id ORG/NAME", "name the Hub repo to push to")
     from .units import parse_size
 
-    options = card_stage.CardOptions(repo_id, layout, quantized_by, base_model, template, parse_size(max_shard, "shard size"))
+    options = card_stage.CardOptions(repo_id=repo_id, layout=layout, quantized_by=quantized_by, base_model=base_model,
+                                     template=template, max_shard=parse_size(max_shard, "shard size"))
     with writing(directory, "card", dry_run):
         written = card_stage.write(directory, options, dry_run=dry_run, status=status)
     output.notes(written)

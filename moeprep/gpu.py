@@ -42,8 +42,20 @@ class Nvml:
         return out
 
     def used_mib(self, index: int = 0) -> float:
+        """Device-wide memory in use: every process's, CUDA contexts included."""
         nv = self.nv
         return round(nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(index)).used / MIB, 1)
+
+    def process_mib(self, pid: int | None = None, index: int = 0) -> float | None:
+        """This process's own device memory (NVML's per-process accounting), or None where the driver does not say."""
+        nv = self.nv
+        pid = pid or os.getpid()
+        try:
+            procs = nv.nvmlDeviceGetComputeRunningProcesses(nv.nvmlDeviceGetHandleByIndex(index))
+        except Exception:  # NVMLError_NotSupported on some drivers and virtualised GPUs
+            return None
+        used = [p.usedGpuMemory for p in procs if p.pid == pid and p.usedGpuMemory is not None]
+        return round(sum(used) / MIB, 1) if used else None
 
 
 def _text(value) -> str:
@@ -64,17 +76,25 @@ def nvml() -> tuple[Nvml | None, str]:
 
 
 class PeakWatch:
-    """Polls device memory in a background thread; `peak_mib` is the highest reading seen."""
+    """Polls device memory in a background thread: `peak_mib` (device-wide) and `process_peak_mib` (this
+    process's own, None where the driver does not report it) are the highest readings seen."""
 
     def __init__(self, source: Nvml, index: int = 0, interval: float = 0.01):
         self.source, self.index, self.interval = source, index, interval
         self.peak_mib = source.used_mib(index)
+        self.process_peak_mib = source.process_mib(index=index)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _read(self) -> None:
+        self.peak_mib = max(self.peak_mib, self.source.used_mib(self.index))
+        own = self.source.process_mib(index=self.index)
+        if own is not None:
+            self.process_peak_mib = max(self.process_peak_mib or 0.0, own)
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak_mib = max(self.peak_mib, self.source.used_mib(self.index))
+            self._read()
 
     def __enter__(self) -> PeakWatch:
         self._thread.start()
@@ -83,7 +103,7 @@ class PeakWatch:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_mib = max(self.peak_mib, self.source.used_mib(self.index))
+        self._read()
 
 
 def report() -> dict:

@@ -90,7 +90,9 @@ def smoke_lines(report) -> list[str]:
                    else f"KLD vs {q.reference} {q.kld_mean:.6f}, top-1 {q.top1_agreement:.3f}")
         lines.append(f"{name}: {'ok' if r.ok else 'FAILED'}; {quality}")
         for p in r.placements.values():
-            vram = f"{text(p.vram_mib.peak_generation, 0, True)} MiB peak" if p.vram_mib else "VRAM not measured"
+            need, own = p.gpu_mib(), p.vram_mib.process_peak if p.vram_mib else None
+            vram = (f"GPU buffers {need:.0f} MiB" if need is not None else "VRAM not measured") + (
+                f", process peak {own.text(0, True)} MiB" if own is not None and own.measured else "")
             lines.append(f"  {p.placement:<14} decode {text(p.decode_tps, 1, True)} tok/s, TTFT {text(p.ttft_s, 4, True)} s, "
                          f"prompt {text(p.prompt_tps, 1, True)} tok/s, load {text(p.load_s, 3, True)} s; "
                          f"{len(p.overridden)} tensors overridden ({'= probe' if p.overrides_match_probe else 'MISMATCH'}); {vram}")

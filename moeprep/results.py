@@ -63,10 +63,14 @@ class Buffer:
 
 @dataclass
 class Vram:
+    """NVML's readings: this process's own (per-process accounting) and, as a fallback, the whole device's."""
+
     method: str
-    before_load: Statistic
-    after_load: Statistic
-    peak_generation: Statistic
+    before_load: Statistic  # device-wide
+    after_load: Statistic  # device-wide
+    peak_generation: Statistic  # device-wide: every process's memory, CUDA contexts included
+    process_after_load: Statistic = field(default_factory=Statistic)
+    process_peak: Statistic = field(default_factory=Statistic)  # this process alone, during generation
 
 
 @dataclass
@@ -94,6 +98,16 @@ class PlacementResult:
     vram_mib: Vram | None
     failures: list[str] = field(default_factory=list)
     runtime: Runtime | None = None
+
+    def gpu_mib(self) -> float | None:
+        """What the placement needs on the GPU as llama.cpp allocates it: model + KV + compute buffers (MiB)."""
+        parts = self.gpu_bytes()
+        return sum(parts.values()) / 2**20 if parts else None
+
+    def overhead_mib(self) -> float | None:
+        """The process's own peak beyond llama.cpp's buffers: the CUDA context and runtime."""
+        own, buffers = (self.vram_mib.process_peak.mean if self.vram_mib else None), self.gpu_mib()
+        return own - buffers if own is not None and buffers is not None else None
 
     def gpu_bytes(self) -> dict[str, float]:
         """Bytes of llama.cpp's model, KV and compute buffers on GPU devices (not host-pinned memory)."""

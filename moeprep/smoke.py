@@ -129,22 +129,23 @@ def _generate(llm, prompt: list[int], n_new: int) -> Generation:
 def run_placement(path: Path, placement: Placement, expected: list[str], settings: SmokeSettings,
                   nvml: gpu.Nvml | None) -> PlacementResult:
     """Warm-up plus `settings.runs` timed runs of load → generate → close in one placement."""
-    loads, gens, before, after, peaks = [], [], [], [], []
+    loads, gens = [], []
+    readings: dict[str, list[float | None]] = {k: [] for k in ("before", "after", "peak", "own_after", "own_peak")}
     log = None
     n_prompt = 0
     for i in range(settings.runs + settings.warmup_runs):
-        used_before = nvml.used_mib() if nvml else None
+        now = {"before": nvml.used_mib() if nvml else None}
         llm, text, seconds = _open(path, placement.patterns, settings)
         try:
-            used_after = nvml.used_mib() if nvml else None
+            now |= {"after": nvml.used_mib(), "own_after": nvml.process_mib()} if nvml else {}
             prompt = llm.tokenize(settings.prompt.encode())
             n_prompt = len(prompt)
             if nvml:
                 with gpu.PeakWatch(nvml) as watch:
                     result = _generate(llm, prompt, settings.new_tokens)
-                peak = watch.peak_mib
+                now |= {"peak": watch.peak_mib, "own_peak": watch.process_peak_mib}
             else:
-                result, peak = _generate(llm, prompt, settings.new_tokens), None
+                result = _generate(llm, prompt, settings.new_tokens)
         finally:
             llm.close()
         if i < settings.warmup_runs:
@@ -152,9 +153,8 @@ def run_placement(path: Path, placement: Placement, expected: list[str], setting
             continue  # warm-up runs fill caches and are not counted
         loads.append(seconds)
         gens.append(result)
-        before.append(used_before)
-        after.append(used_after)
-        peaks.append(peak)
+        for key, values in readings.items():
+            values.append(now.get(key))
 
     moved = sorted(o.tensor for o in log.overridden)
     failures = []
@@ -178,7 +178,8 @@ def run_placement(path: Path, placement: Placement, expected: list[str], setting
         prompt_tps=Statistic.of([g.prompt_tps for g in gens]),
         tokens=Tokens(n_prompt, counts),
         greedy_tokens=gens[0].tokens,
-        vram_mib=Vram(METHODS["vram"], Statistic.of(before), Statistic.of(after), Statistic.of(peaks)) if nvml else None,
+        vram_mib=Vram(METHODS["vram"], *(Statistic.of(readings[k]) for k in ("before", "after", "peak", "own_after",
+                                                                            "own_peak"))) if nvml else None,
         failures=failures,
         runtime=runtime(log, settings),
     )
@@ -334,7 +335,9 @@ METHODS = {
     "decode_tps": "(generated token ids - 1) / wall time between the first and last streamed token",
     "decode_tps_llama": "llama_perf_context n_eval / t_eval_ms",
     "prompt_tps": "llama_perf_context n_p_eval / t_p_eval_ms",
-    "vram": "NVML device memory used (nvmlDeviceGetMemoryInfo), device 0, polled every 10 ms",
+    "vram": "NVML, device 0, polled every 10 ms: this process's own memory (nvmlDeviceGetComputeRunningProcesses) "
+            "and, as a fallback, the whole device's (nvmlDeviceGetMemoryInfo, every process and CUDA context)",
+    "vram_buffers": "llama.cpp's model, KV and compute buffers on GPU devices, from its load log",
     **quality.METHODS,
     "overridden": "llama.cpp log lines 'tensor … buffer type overridden to …' captured with llama_log_set",
     "buffers": "llama.cpp log lines '<device> model|KV|compute|output buffer size = X MiB'",

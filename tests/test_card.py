@@ -85,14 +85,13 @@ def test_card_with_smoke_data_shows_measured_figures_and_plot(smoked, tmp_path):
         tps = s.placements["gpu"].decode_tps
         assert rows[a.path][6] == f"{tps.mean:.1f} ± {tps.sd:.1f}"
         assert rows[a.path][9] == f"{s.quality.kld_mean:.6f}"
-        vram = s.placements["gpu"].vram_mib
-        # VRAM is a measured figure where NVML answers, and never estimated where it does not
-        assert rows[a.path][4] == (f"{vram.peak_generation.mean:.0f} ± {vram.peak_generation.sd:.0f}" if vram
-                                   else "not measured")
+        need = s.placements["gpu"].gpu_mib()
+        # VRAM is llama.cpp's GPU buffers where there is a GPU, and never estimated where there is none
+        assert rows[a.path][4] == (f"{need:.0f}" if need is not None else "not measured")
     assert "![Decode speed and memory per quant and placement](moeprep-smoke.png)" in text
     assert (out / "moeprep-smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "N=3 timed runs after 1 warm-up" in text
-    assert ("VRAM: peak device memory" in text) if m.smoke.hardware.gpus else (
+    assert ("VRAM: what the placement needs on the GPU" in text) if m.smoke.hardware.gpus else (
         "VRAM: not measured: the smoke ran without a GPU" in text)
     assert "llama.cpp ran with threads" in text and "flash attention auto (on)" in text and "n_ubatch 512" in text
     assert "hf download me/tiny-phimoe-GGUF tiny-phimoe-Q4_K_M.gguf" in text
@@ -108,6 +107,34 @@ def test_card_results_of_other_bytes_are_not_shown(smoked, tmp_path):
     mf.save(out, m)
     run("card", out)
     assert table((out / "README.md").read_text())["tiny-phimoe-Q8_0.gguf"][6] == "not measured"
+
+
+def test_card_vram_is_the_placements_gpu_buffers_with_the_overhead_stated_once(fresh):
+    """A GPU smoke, recorded: the H200 run's load log for the buffers, NVML readings for the process."""
+    from moeprep.gpu import hardware
+    from moeprep.results import (FileResult, GpuInfo, PlacementResult, SmokeReport, SmokeSettings, Statistic,
+                                 Tokens, Vram)
+    from moeprep.smoke import METHODS, parse_log
+
+    m = mf.load(fresh)
+    a = m.artifact("Q4_K_M")
+    log = parse_log((DATA / "cuda" / "log-phimoe-gpu-Q4_K_M-gpu.txt").read_text())
+    one = Statistic.of([1.0])
+    vram = Vram(METHODS["vram"], Statistic.of([615.0]), Statistic.of([1500.0]), Statistic.of([1560.0]),
+                Statistic.of([1380.0]), Statistic.of([1400.0]))
+    placed = PlacementResult("gpu", [], [], True, log.buffers, 1, 1, one, one, one, one, one, Tokens(1, [1]), [1], vram)
+    hw = hardware(None)
+    hw.gpus = [GpuInfo(0, "NVIDIA H200", 143771.0, 615.0, "580.159.04", "13.0")]
+    m.smoke = SmokeReport("2026-11-26T00:00:00+00:00", "CUDA", "ok", hw, m.tools, SmokeSettings(), METHODS,
+                          {a.path: FileResult(a.path, "Q4_K_M", a.sha256, {"gpu": placed})})
+    mf.save(fresh, m)
+    assert run("card", fresh).exit_code == 0
+    text = (fresh / "README.md").read_text()
+    buffers = {(b.device, b.kind): b.mib for b in log.buffers}
+    need = buffers[("CUDA0", "model")] + buffers[("CUDA0", "KV")] + buffers[("CUDA0", "compute")]
+    assert table(text)[a.path][4] == f"{need:.0f}" and table(text)[a.path][5] == "not measured"
+    assert f"add {1400 - need:.0f} MiB on top (NVML's per-process peak minus those buffers, mean over 1 loads)" in text
+    assert lint(fresh / "README.md") == []
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """smoke, plan and doctor on the CPU build, plus the CUDA-only paths against llama.cpp's own formats."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -260,8 +261,9 @@ def test_plan_compares_with_a_recorded_gpu_smoke(converted_phimoe):
 class FakeNvml:
     """pynvml's calls, answering with readings shaped as nvidia-ml-py returns them."""
 
-    def __init__(self, used):
+    def __init__(self, used, own=None):
         self.used = list(used)
+        self.own = own  # this process's bytes, or an exception the driver raises for per-process accounting
 
     def nvmlSystemGetDriverVersion(self):
         return "550.54.15"
@@ -278,6 +280,12 @@ class FakeNvml:
     def nvmlDeviceGetName(self, handle):
         return b"NVIDIA H100 80GB HBM3"
 
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        if isinstance(self.own, Exception):
+            raise self.own
+        others = [SimpleNamespace(pid=1, usedGpuMemory=5 * 2**30)]
+        return others + ([SimpleNamespace(pid=os.getpid(), usedGpuMemory=self.own)] if self.own is not None else [])
+
     def nvmlDeviceGetMemoryInfo(self, handle):
         used = self.used.pop(0) if len(self.used) > 1 else self.used[0]
         return SimpleNamespace(total=85520809984, used=used, free=85520809984 - used)
@@ -288,6 +296,16 @@ def test_gpu_nvml_readings():
     [g] = nv.gpus()
     assert g == GpuInfo(index=0, name="NVIDIA H100 80GB HBM3", memory_total_mib=81559.0, memory_used_mib=1024.0,
                         driver="550.54.15", cuda="12.4")
+
+
+def test_gpu_nvml_per_process_memory_and_its_absence():
+    # as nvml-process.txt recorded on the H200: this process alone, other processes' memory left out
+    assert gpu.Nvml(FakeNvml([2 * 2**30], own=1447034880)).process_mib() == 1380.0
+    assert gpu.Nvml(FakeNvml([2 * 2**30], own=None)).process_mib() is None
+    assert gpu.Nvml(FakeNvml([2 * 2**30], own=RuntimeError("Not Supported"))).process_mib() is None
+    with gpu.PeakWatch(gpu.Nvml(FakeNvml([100 * 2**20], own=700 * 2**20)), interval=0.001) as watch:
+        pass
+    assert (watch.peak_mib, watch.process_peak_mib) == (100.0, 700.0)
 
 
 def test_gpu_peak_watch_keeps_the_highest_reading():
