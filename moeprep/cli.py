@@ -381,6 +381,31 @@ def push(directory, repo_id, revision, layout, private, dry_run, as_json) -> Non
     _push(directory, repo_id, layout, revision, private, dry_run, as_json)
 
 
+@main.command()
+@click.argument("spec", metavar="ORG/NAME[@REVISION]")
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False), help="Where the files go.")
+@click.option("--quant", "quants", multiple=True, metavar="QUANT", help="Only this quant; repeat for more. [default: all]")
+@json_option
+def pull(spec: str, out: Path, quants: tuple[str, ...], as_json: bool) -> None:
+    """Fetch a repo's manifest and the GGUFs it lists, checking every sha256 against it.
+
+    For CI jobs that meet through the Hub: a smoke job pulls only the file it measures from the
+    staging revision. Files already in --out with the right sha256 are not fetched again.
+
+    \b
+    Example:
+      moeprep pull me/Phi-3.5-MoE-instruct-GGUF@moeprep-staging --quant Q4_K_M --out work/
+    """
+    from .pull import parse, pull as fetch
+
+    parse(spec)  # a bad repo id is refused before --out is made
+    with locked(out, f"pull {spec}"):
+        outcome = fetch(spec, out, quants=list(quants), status=status)
+    emit({"out": out, "made": outcome.made, "kept": outcome.kept}, as_json,
+         lambda r: [f"fetched {p}" for p in outcome.made] + [f"kept {p} (same sha256)" for p in outcome.kept]
+         + [f"{len(outcome.made)} fetched, {len(outcome.kept)} already here; manifest: {out / 'manifest.json'}"])
+
+
 def _push(directory, repo_id, layout, revision, private, dry_run, as_json) -> None:
     from .push import push as upload
 

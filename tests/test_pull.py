@@ -1,0 +1,56 @@
+"""pull: a pushed repo's manifest and chosen GGUFs, verified against the manifest, and a rerun that moves nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+from click.testing import CliRunner
+
+from moeprep import manifest as mf
+from moeprep.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_pull_one_quant_verified_then_nothing_again(hub, converted_phimoe, write_token, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(converted_phimoe, src, ignore=shutil.ignore_patterns(".moeprep.lock"))
+    assert run("card", src, "--repo-id", "me/tiny-pull-GGUF", "--push").exit_code == 0
+    out = tmp_path / "job"
+    result = run("pull", "me/tiny-pull-GGUF", "--quant", "q4_k_m", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["made"] == ["tiny-phimoe-Q4_K_M.gguf"]
+    m = mf.load(out)
+    q4 = m.artifact("Q4_K_M")
+    assert hashlib.sha256((out / q4.path).read_bytes()).hexdigest() == q4.sha256
+    assert not (out / "tiny-phimoe-F16.gguf").exists()  # only what was asked for
+
+    hub.requests.clear()
+    again = run("pull", "me/tiny-pull-GGUF", "--quant", "Q4_K_M", "--out", out, "--json")
+    assert again.exit_code == 0 and json.loads(again.stdout)["made"] == []
+    assert not [r for r in hub.requests if r[0] == "GET" and r[1].endswith(".gguf")], "a GGUF was fetched again"
+    unknown = run("pull", "me/tiny-pull-GGUF", "--quant", "Q9_X", "--out", out)
+    assert unknown.exit_code == 1 and unknown.stderr.startswith("Error: me/tiny-pull-GGUF has no Q9_X (it has F16, ")
+
+
+def test_pull_refuses_bytes_the_manifest_does_not_list(hub, converted_phimoe, write_token, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(converted_phimoe, src, ignore=shutil.ignore_patterns(".moeprep.lock"))
+    assert run("card", src, "--repo-id", "me/tiny-liar-GGUF", "--push").exit_code == 0
+    repo = hub.repos["me/tiny-liar-GGUF"]
+    repo.files["tiny-phimoe-Q2_K.gguf"] = repo.files["tiny-phimoe-Q2_K.gguf"][:-1] + b"\x00"  # bytes changed behind it
+    out = tmp_path / "job"
+    result = run("pull", "me/tiny-liar-GGUF", "--quant", "Q2_K", "--out", out)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "Error: me/tiny-liar-GGUF/tiny-phimoe-Q2_K.gguf does not have the sha256 its manifest lists")
+    assert not (out / "tiny-phimoe-Q2_K.gguf").exists()
+
+
+def test_pull_bad_repo_id_makes_nothing(hub, tmp_path):
+    assert run("pull", "../etc", "--out", tmp_path / "x").stderr.startswith("Error: '../etc' is not a Hub repo id")
+    assert not (tmp_path / "x").exists()
