@@ -194,7 +194,13 @@ def _upgrade_v1(data: dict) -> dict:
             a["probe"] = probe
         for s in a.get("shards", []):
             s["made_from"] = s.pop("from", None)
-    for result in ((data.get("smoke") or {}).get("artifacts") or {}).values():
+    smoke = data.get("smoke") or {}
+    if "settings" in smoke:  # format 1 measured with llama-cpp-python's defaults; say so, do not claim today's
+        s = smoke["settings"]
+        s.setdefault("flash_attn", "off")
+        s.setdefault("n_batch", min(512, s.get("ctx") or 512))
+        s.setdefault("n_ubatch", 512)
+    for result in (smoke.get("artifacts") or {}).values():
         for placement in (result.get("placements") or {}).values():
             for b in placement.get("buffers", []):
                 b["source"] = b.pop("from", "")

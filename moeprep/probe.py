@@ -81,9 +81,9 @@ class ProbeReport:
     loadable: bool
     notes: list[str]
     bytes: dict[str, int]
-    attention: Attention
     layers: list[LayerExperts]
     placements: list[Placement]
+    attention: Attention = field(default_factory=Attention)  # absent from format 1 manifests: all None
 
     @property
     def is_moe(self) -> bool:

@@ -88,3 +88,18 @@ def test_cli_manifest_round_trips_and_rejects_other_formats(converted_phimoe, tm
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(mf.MoeprepError, match="unsupported manifest format"):
         mf.load(tmp_path)
+
+
+def test_cli_manifest_format_1_is_upgraded_as_it_was_measured():
+    """The manifest of the first GPU run (format 1): its probe moves into the F16, its smoke keeps its own settings."""
+    data = json.loads((Path(__file__).parent / "data" / "manifest-v1-h200.json").read_text())
+    m = mf.Manifest.from_dict(data)
+    assert m.format == mf.FORMAT and m.probe.expert_count == 16 and m.probe is m.base.probe
+    s = m.smoke
+    assert (s.settings.flash_attn, s.settings.n_batch, s.settings.threads) == ("off", 512, None)
+    assert s.hardware.gpus[0].name.startswith("NVIDIA H200")
+    q4 = m.artifact("Q4_K_M")
+    placed = m.smoke_result(q4).placements["cpu-moe"]
+    assert placed.gpu_bytes()["model"] > 0 and {b.source for b in placed.buffers} >= {"load_tensors"}
+    assert m.chain_problems() == []
+    assert mf.Manifest.from_dict(m.to_dict()).to_dict() == m.to_dict()
