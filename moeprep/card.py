@@ -59,19 +59,45 @@ def file_rows(manifest: Manifest, artifacts: list[mf.Artifact]) -> list[list[str
     return rows
 
 
-def plan_rows(artifact: mf.Artifact, ctx: int = 4096) -> tuple[str, list[list[str]]]:
-    from .plan import predict
+def plan_rows(out: Path, artifact: mf.Artifact, ctx: int = 4096) -> tuple[str, list[list[str]]]:
+    from .plan import plan_file
 
-    p = predict(artifact.probe, ctx=ctx)
+    p = plan_file(out / artifact.path, ctx)
     rows = p.rows
     if len(rows) > 18:  # big models: every N would swamp the card; keep a spread
         keep = {"gpu", "cpu-moe"} | {f"n-cpu-moe={n}" for n in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)}
         rows = [r for r in rows if r.placement in keep]
-    caption = (f"For `{artifact.path}` at a context of {ctx} tokens, predicted from the GGUF by `moeprep plan`: "
-               f"weights the override leaves on the GPU (token_embd stays in host memory) plus the KV cache "
-               f"({p.kv_cache_method}). The compute buffer is not included.")
+    caption = (f"For `{artifact.path}` at a context of {ctx} tokens, predicted by `moeprep plan`: weights the "
+               f"override leaves on the GPU (token_embd stays in host memory), the KV cache ({p.kv_cache_method}), "
+               f"and the compute buffer: {p.compute_buffer.rstrip('.')}.")
     return caption, [[f"`{r.placement}`", human_bytes(r.weights_on_gpu), human_bytes(r.kv_cache),
+                      human_bytes(r.compute) if r.compute is not None else "not predicted",
                       human_bytes(r.predicted_total)] for r in rows]
+
+
+def tier_tables(out: Path, usage: mf.Artifact) -> dict:
+    """The tier table as the card shows it: one table per context, and usage commands for the usage file."""
+    from .tiers import cell_text, table
+
+    t = table(out)
+    quants = list(dict.fromkeys(c.quant for tier in t.tiers for c in tier.cells))
+    tables = []
+    for ctx in t.contexts:
+        rows = [[f"{tier.gib:g} GiB"] + [cell_text(c) for c in tier.cells] for tier in t.tiers if tier.ctx == ctx]
+        tables.append({"ctx": ctx, "quants": quants, "rows": rows})
+    commands, seen = [], set()
+    for tier in (x for x in t.tiers if x.ctx == t.contexts[0]):
+        cell = next((c for c in tier.cells if c.file == usage.path and c.command), None)
+        if cell and cell.placement not in seen:  # the smallest tier for each placement of the usage file
+            seen.add(cell.placement)
+            commands.append({"tier": f"{tier.gib:g} GiB", "ctx": tier.ctx, "command": cell.command})
+    caption = (f"Predicted, not measured: for each GPU memory size and context, the placement of each file with the "
+               f"most on the GPU that fits ({t.method}). Headroom kept below each size: {t.headroom_mib:.0f} MiB, "
+               f"{t.headroom_method}. RAM: the weights left in system memory. Flash attention {t.flash_attn}, "
+               f"{t.threads} threads (set --threads to your physical cores).")
+    if any(c.measured for tier in t.tiers for c in tier.cells):
+        caption += " † a GPU smoke measured this file in this placement (at its own context)."
+    return {"caption": caption, "tables": tables, "commands": commands}
 
 
 @dataclass
@@ -163,7 +189,7 @@ def context(out: Path, m: Manifest, repo: RepoCard, options: CardOptions) -> dic
     }
     quants = [a for a in repo.artifacts if a.stage == "quantize"] or repo.artifacts
     usage = next((a for a in quants if a.quant == "Q4_K_M"), quants[0])
-    caption, rows = plan_rows(usage)
+    caption, rows = plan_rows(out, usage)
     return {
         "front_matter": yaml.safe_dump(front, sort_keys=False, allow_unicode=True),
         "title": f"{cell(m.model)} GGUF",
@@ -177,6 +203,7 @@ def context(out: Path, m: Manifest, repo: RepoCard, options: CardOptions) -> dic
         "plot": PLOT if (out / PLOT).is_file() and m.smoke else None,
         "method": method_lines(m),
         "plan": {"caption": caption, "rows": rows},
+        "tiers": tier_tables(out, usage),
         "repo_id": repo.repo_id,
         "usage": {"file": usage.upload_files()[0][0], "n": max(1, (p.block_count or 1) // 2)},
         "siblings": [{"quant": q, "url": hub.url(r)} for q, r in repo.siblings.items()],

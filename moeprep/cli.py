@@ -20,6 +20,7 @@ from .errors import MoeprepError
 from .lock import locked
 from .options import QuantHelpCommand, card_options, json_option, quant_options
 from .output import emit, status
+from .tiers import TIERS_GIB
 
 
 class Group(click.Group):
@@ -291,22 +292,45 @@ def smoke(target, placements, runs, ctx, new_tokens, threads, flash_attn, n_batc
 @main.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--ctx", type=click.IntRange(1), default=4096, show_default=True, help="Context size for the KV cache.")
+@click.option("--ubatch", type=click.IntRange(1), default=512, show_default=True,
+              help="Physical batch (n_ubatch); the compute buffer grows with it. llama-server's default.")
+@click.option("--batch", type=click.IntRange(1), default=2048, show_default=True,
+              help="Logical batch (n_batch); llama.cpp caps n_ubatch at it and it at --ctx. llama-server's default.")
+@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Flash attention, as llama-server's -fa; auto predicts the larger of on and off where the build cannot tell.")
 @click.option("--vram", help="GPU memory to fit, with a unit: 24GiB, 16GB; names the smallest --n-cpu-moe that fits.")
+@click.option("--tiers", is_flag=False, flag_value=",".join(map(str, TIERS_GIB)), default=None, metavar="[GIB,...]",
+              help="The tier table for FILE or every file of DIR: which placement fits each GPU size (GiB; "
+                   f"default {', '.join(map(str, TIERS_GIB))}) at 4k, 16k, 32k and the trained context.")
+@click.option("--headroom", help="With --tiers: memory kept free below each size for the CUDA runtime, e.g. 1GiB. "
+                                 "[default: measured by a GPU smoke, else 1GiB]")
 @json_option
-def plan(file: Path, ctx: int, vram: str | None, as_json: bool) -> None:
+def plan(file: Path, ctx: int, ubatch: int, batch: int, flash_attn: str, vram: str | None, tiers: str | None,
+         headroom: str | None, as_json: bool) -> None:
     """Predict GPU memory for each placement from the GGUF alone (no GPU needed).
 
-    Predictions are labelled as such; the compute buffer is not included. Where a GPU smoke of
-    this file is in its manifest, measured values are shown beside the prediction.
+    Weights, KV cache and compute buffer, each labelled a prediction with its method; llama.cpp's own
+    allocator sizes the compute buffer without reading the weights. Where a GPU smoke of this file is in
+    its manifest, measured values and the prediction's error are shown beside it. --tiers answers
+    "which file, which offload, which context fit my GPU, and what do I type", with a command per cell.
 
     \b
     Example:
       moeprep plan Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-Q4_K_M.gguf --ctx 8192 --vram 24GiB
+      moeprep plan Phi-3.5-MoE-instruct-GGUF --tiers 16,24,48
     """
     from .plan import plan_file
     from .units import parse_size
 
-    emit(plan_file(file, ctx, parse_size(vram, "GPU memory size") if vram else None), as_json, output.plan_lines)
+    if tiers is not None:
+        from .tiers import parse_tiers, table
+
+        room = parse_size(headroom, "headroom") / 2**20 if headroom else None
+        emit(table(file, tiers_gib=parse_tiers(tiers), flash_attn=flash_attn, headroom_mib=room), as_json,
+             output.tier_lines)
+        return
+    size = parse_size(vram, "GPU memory size") if vram else None
+    emit(plan_file(file, ctx, size, ubatch=ubatch, batch=batch, flash_attn=flash_attn), as_json, output.plan_lines)
 
 
 @main.command()

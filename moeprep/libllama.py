@@ -172,3 +172,53 @@ def devices() -> list[dict]:
 def backends(devs: list[dict] | None = None) -> list[str]:
     """Backend names without device numbers: ["CPU"], ["CUDA"], ..."""
     return sorted({d["name"].rstrip("0123456789") for d in (devs if devs is not None else devices())})
+
+
+
+def simulate_context(path, *, patterns: list[str], n_ctx: int, n_batch: int, n_ubatch: int,
+                     flash_attn: str = "auto") -> str:
+    """llama.cpp's own sizing of every buffer for `path`, with nothing allocated and no weight read.
+
+    The model is loaded with `no_alloc` (and load_mode none: mmap trips an assert there), every layer offloaded
+    and the placement's overrides applied, then a context is created: llama.cpp reserves its worst-case graphs
+    and logs each buffer's size, as llama-fit-params does. Returns the captured log.
+    """
+    from llama_cpp import llama_cpp as ll
+
+    from .errors import MoeprepError
+
+    lines: list[str] = []
+    array = override_array(patterns) if patterns else None
+    with capture_log(lambda level, text: lines.append(text)):
+        mp = ll.llama_model_default_params()
+        mp.no_alloc = True
+        mp.load_mode = ll.LLAMA_LOAD_MODE_NONE
+        mp.n_gpu_layers = -1
+        if array is not None:
+            mp.tensor_buft_overrides = ctypes.cast(array, ctypes.c_void_p)
+        model = ll.llama_model_load_from_file(str(path).encode(), mp)
+        if not model:
+            raise MoeprepError(f"llama.cpp could not load {path} to size its buffers: {_last_error(lines)}",
+                               "see `moeprep probe` for its layout")
+        try:
+            cp = ll.llama_context_default_params()
+            cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, n_ubatch
+            cp.flash_attn_type = FLASH_ATTN[flash_attn]
+            ctx = ll.llama_init_from_model(model, cp)
+            if not ctx:
+                raise MoeprepError(f"llama.cpp could not size a context for {path}: {_last_error(lines)}",
+                                   "try a smaller --ctx or --ubatch")
+            ll.llama_free(ctx)
+        finally:
+            ll.llama_model_free(model)
+    del array  # only now may the override strings go
+    return "".join(lines)
+
+
+def _last_error(lines: list[str]) -> str:
+    """llama.cpp's own reason: its last line naming an error ("error loading model: missing tensor ..."),
+    which comes before the generic "failed to load model"."""
+    for words in (("error",), ("failed",)):
+        if found := [line.strip() for line in lines if any(w in line.lower() for w in words)]:
+            return found[-1]
+    return "no reason logged"

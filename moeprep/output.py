@@ -102,17 +102,53 @@ def smoke_lines(report) -> list[str]:
 
 def plan_lines(r) -> list[str]:
     kv = r.rows[0].kv_cache if r.rows else 0
-    lines = [f"{r.file}: PREDICTED from the GGUF alone, ctx {r.ctx}; compute buffer not included",
+    included = any(p.compute is not None for p in r.rows)
+    settings = f"ctx {r.ctx}" + (f", n_batch {r.n_batch}, n_ubatch {r.n_ubatch}, flash attention {r.flash_attn}"
+                                 if included else "")
+    lines = [f"{r.file}: PREDICTED from the GGUF (nothing loaded onto a GPU), {settings}"
+             + ("" if included else "; compute buffer not included"),
              f"KV cache {hb(kv)}: {r.kv_cache_method}",
-             f"token_embd ({hb(r.token_embd_on_cpu)}) stays in host memory in every placement",
-             "placement        weights on GPU   + KV cache   predicted   measured (GPU model buffer)"]
+             f"compute buffer: {r.compute_buffer}"]
+    if r.flash_attn_note:
+        chosen = sorted({p.flash_attn for p in r.rows if p.flash_attn})
+        lines.append(r.flash_attn_note + (f" (here: {', '.join(chosen)})" if r.flash_attn == "auto" and chosen else ""))
+    lines.append(f"token_embd ({hb(r.token_embd_on_cpu)}) stays in host memory in every placement")
+    lines.append("placement        weights on GPU   + KV cache    + compute   = predicted   measured (GPU smoke, error)")
     for p in r.rows:
-        measured = f"{hb(p.measured.model)} ({p.weights_error_pct:+.1f} %)" if p.measured else "no GPU smoke recorded"
+        compute = hb(p.compute) if p.compute is not None else "-"
         fits = "" if p.fits is None else ("  fits" if p.fits else "  too big")
-        lines.append(f"  {p.placement:<14} {hb(p.weights_on_gpu):>14} {hb(p.kv_cache):>12} {hb(p.predicted_total):>11}   "
-                     f"{measured}{fits}")
+        lines.append(f"  {p.placement:<14} {hb(p.weights_on_gpu):>14} {hb(p.kv_cache):>12} {compute:>12} "
+                     f"{hb(p.predicted_total):>11}   {_measured(p)}{fits}")
+    if r.measured_note:
+        lines.append(f"measured: {r.measured_note}")
     if r.vram:
         lines.append(f"smallest placement predicted to fit {hb(r.vram)}: {r.recommended or 'none'}")
+    return lines
+
+
+def _measured(p) -> str:
+    if not p.measured:
+        return "no GPU smoke recorded"
+    text = f"model {hb(p.measured.model)}" + (f" ({p.weights_error_pct:+.1f} %)" if p.weights_error_pct is not None else "")
+    if p.compute_error_pct is not None:
+        text += (f", compute {hb(p.measured.compute)} ({p.compute_error_pct:+.1f} %), total "
+                 f"{hb(p.measured.model + p.measured.kv + p.measured.compute)} ({p.total_error_pct:+.1f} %)")
+    return text
+
+
+def tier_lines(t) -> list[str]:
+    lines = [f"PREDICTED, not measured: {t.method}",
+             f"headroom kept below each size: {t.headroom_mib:.0f} MiB ({t.headroom_method})"]
+    for ctx in t.contexts:
+        lines.append(f"context {ctx}:")
+        for tier in (x for x in t.tiers if x.ctx == ctx):
+            lines.append(f"  {tier.gib:g} GiB:")
+            for c in tier.cells:
+                if c.placement is None:
+                    lines.append(f"    {c.quant:<10} does not fit")
+                    continue
+                lines.append(f"    {c.quant:<10} {c.placement:<13} GPU {hb(c.gpu_bytes):>11}  RAM {hb(c.ram_bytes):>11}  "
+                             f"{c.command}" + ("  (a GPU smoke measured this placement)" if c.measured else ""))
     return lines
 
 

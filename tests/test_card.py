@@ -67,7 +67,8 @@ def test_card_acceptance_front_matter_and_file_table(fresh):
         assert rows[a.path][3] == a.sha256 == sha256(fresh / a.path)
         assert rows[a.path][4:] == ["not measured"] * 7  # no smoke recorded for this copy
     assert "Speed, VRAM and KLD: not measured" in text
-    assert "## Offload plan (predicted, not measured)" in text and "compute buffer is not included" in text
+    assert "## Offload plan (predicted, not measured)" in text and "the compute buffer: PREDICTED by llama.cpp" in text
+    assert "## Which file fits your GPU (predicted, not measured)" in text
     assert f"commit [`{m.source.commit}`]" in text
     assert lint(fresh / "README.md") == []
 

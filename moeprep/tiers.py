@@ -1,0 +1,145 @@
+"""The tier table: for GPU memory tiers and contexts, which file, which offload, what RAM, what to type.
+
+Every cell is a prediction from `plan` (weights + KV cache + compute buffer, the compute buffer sized by
+llama.cpp's own allocator), fitted below the tier with a stated headroom for the CUDA context and
+runtime, which llama.cpp's buffers do not include. Among a file's placements the one with the most on
+the GPU that fits wins: `gpu`, then the smallest `--n-cpu-moe N`, then `--cpu-moe`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import manifest as mf
+from .errors import MoeprepError
+from .placement import Placement
+from .plan import plan_file
+
+TIERS_GIB = (8, 12, 16, 24, 32, 48, 80, 96)
+CONTEXTS = (4096, 16384, 32768)
+# The CUDA context and runtime beyond llama.cpp's buffers: 0.5-1.2 GB measured on an H200 (per-process NVML
+# minus the buffers). A GPU smoke in the manifest replaces this with what it measured.
+HEADROOM_MIB = 1024
+GIB = 2**30
+
+
+@dataclass
+class Cell:
+    file: str
+    quant: str
+    placement: str | None  # None: does not fit
+    gpu_bytes: int | None  # predicted: weights + KV + compute
+    ram_bytes: int | None  # weights left in system memory (experts moved, token_embd)
+    command: str | None
+    measured: bool = False  # a GPU smoke measured this file in this placement (at the smoke's context)
+
+
+@dataclass
+class Tier:
+    gib: float
+    ctx: int
+    cells: list[Cell] = field(default_factory=list)
+
+
+@dataclass
+class TierTable:
+    tiers: list[Tier]
+    headroom_mib: float
+    headroom_method: str
+    contexts: list[int]
+    flash_attn: str
+    threads: int
+    kind: str = "prediction"
+    method: str = ("weights the placement leaves on the GPU + KV cache + compute buffer (llama.cpp's allocator, "
+                   "no_alloc), each below the tier minus the headroom; see `moeprep plan FILE --ctx N`")
+
+
+def cell_text(cell: Cell) -> str:
+    """A cell as the card and the CLI show it."""
+    from .files import human_bytes
+
+    if cell.placement is None:
+        return "does not fit"
+    flags = " ".join(Placement(cell.placement).flags())
+    shown = f"`{flags}`; RAM {human_bytes(cell.ram_bytes)}" if flags else "all on GPU"
+    return shown + (" †" if cell.measured else "")
+
+
+def command(file: str, placement: str, ctx: int, flash_attn: str, threads: int) -> str:
+    flags = " ".join(Placement(placement).flags())
+    return (f"llama-server -m {file} --n-gpu-layers 999 {flags} --ctx-size {ctx} --flash-attn {flash_attn} "
+            f"--threads {threads}").replace("  ", " ")
+
+
+def parse_tiers(text: str) -> list[float]:
+    """GPU sizes in GiB: "8,12,24"."""
+    try:
+        sizes = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(s <= 0 for s in sizes):
+        raise MoeprepError(f"cannot read {text!r} as GPU sizes", "give GiB, comma-separated: --tiers 8,12,24")
+    return sizes
+
+
+def contexts_for(trained: int | None, asked: list[int] | None = None) -> list[int]:
+    """The asked contexts (default 4k, 16k, 32k) no longer than the trained maximum, which is added."""
+    chosen = [c for c in (asked or CONTEXTS) if not trained or c <= trained]
+    if trained and trained not in chosen:
+        chosen.append(trained)
+    return sorted(set(chosen))
+
+
+def headroom(manifest: mf.Manifest | None, default_mib: float = HEADROOM_MIB) -> tuple[float, str]:
+    """The runtime overhead to keep free below each tier: measured where the manifest has a GPU smoke."""
+    measured = [o for r in (manifest.smoke.artifacts.values() if manifest and manifest.smoke else [])
+                for p in r.placements.values() if (o := p.overhead_mib()) is not None]
+    if measured:
+        return max(measured), f"the largest runtime overhead a GPU smoke of these files measured ({len(measured)} loads)"
+    return default_mib, ("the CUDA context and runtime, not measured for these files: 0.5-1.2 GB measured on an H200, "
+                         f"{default_mib:.0f} MiB kept")
+
+
+def table(folder_or_file: Path, *, tiers_gib: list[float] | None = None, contexts: list[int] | None = None,
+          flash_attn: str = "auto", threads: int | None = None, headroom_mib: float | None = None) -> TierTable:
+    """The tier table for every artifact of an output directory, or for one GGUF file."""
+    from .gpu import physical_cores
+
+    target = Path(folder_or_file)
+    folder = target if target.is_dir() else target.parent
+    manifest = mf.load_or_none(folder)
+    if target.is_dir():
+        if manifest is None or not manifest.artifacts:
+            raise MoeprepError(f"no artifacts recorded in {target}", "give a GGUF file, or run `moeprep convert` first")
+        files = [(folder / a.path, a.quant) for a in manifest.artifacts]
+    else:
+        known = manifest.artifact_at(target.name) if manifest else None
+        files = [(target, known.quant if known else target.stem)]
+    room, room_method = headroom(manifest) if headroom_mib is None else (headroom_mib, "as given")
+    threads = threads or physical_cores()
+    trained = next((a.probe.context_length for a in (manifest.artifacts if manifest else []) if a.probe), None)
+    ctxs = contexts_for(trained, contexts)
+    result = TierTable([Tier(g, c) for c in ctxs for g in (tiers_gib or TIERS_GIB)], room, room_method, ctxs,
+                       flash_attn, threads)
+    for path, quant in files:
+        artifact = manifest.artifact_at(path.name) if manifest else None
+        smoke = manifest.smoke_result(artifact) if manifest and artifact else None
+        measured = {name for name, p in (smoke.placements.items() if smoke else []) if p.gpu_mib() is not None}
+        for ctx in ctxs:
+            plan = plan_file(path, ctx, flash_attn=flash_attn)
+            every = next((r.weights_on_gpu for r in plan.rows if r.placement == "cpu-moe"), None)
+            # an N that moves every block's experts is --cpu-moe, the simpler flag
+            rows = sorted((r for r in plan.rows if r.placement == "cpu-moe" or Placement(r.placement).n_cpu_moe is None
+                           or r.weights_on_gpu != every), key=lambda r: Placement(r.placement).order)
+            for tier in (t for t in result.tiers if t.ctx == ctx):
+                budget = tier.gib * GIB - room * 2**20
+                best = next((r for r in rows if r.predicted_total <= budget), None)
+                if best is None:
+                    tier.cells.append(Cell(path.name, quant, None, None, None, None))
+                    continue
+                tier.cells.append(Cell(path.name, quant, best.placement, best.predicted_total,
+                                       plan.weights_total - best.weights_on_gpu,
+                                       command(path.name, best.placement, ctx, flash_attn, threads),
+                                       best.placement in measured))
+    return result
