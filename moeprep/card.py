@@ -202,6 +202,7 @@ def context(out: Path, m: Manifest, repo: RepoCard, options: CardOptions) -> dic
         "rows": file_rows(m, repo.artifacts),
         "plot": PLOT if (out / PLOT).is_file() and m.smoke else None,
         "method": method_lines(m),
+        "mixes": mix_lines(repo.artifacts),
         "plan": {"caption": caption, "rows": rows},
         "tiers": tier_tables(out, usage),
         "repo_id": repo.repo_id,
@@ -210,6 +211,22 @@ def context(out: Path, m: Manifest, repo: RepoCard, options: CardOptions) -> dic
         "provenance": provenance_lines(m),
         "tools": m.tools,
     }
+
+
+def mix_lines(artifacts: list[mf.Artifact]) -> list[str]:
+    """One line per file made with per-tensor types: its base type, its rules in order, what the mix is for."""
+    from .mixes import MIXES
+
+    lines = []
+    for a in artifacts:
+        s = a.settings
+        if not s.tensor_types:
+            continue
+        rules = ", ".join(f"`{cell(r)}`" for r in s.tensor_types)
+        about = f" {cell(MIXES[s.mix].about)}." if s.mix in MIXES else ""
+        lines.append(f"`{cell(a.quant)}`: {s.ftype} with these tensor types, the first matching rule wins: {rules}."
+                     f"{about} Routers (ffn_gate_inp) stay as converted: llama.cpp never quantizes them.")
+    return lines
 
 
 def method_lines(m: Manifest) -> list[str]:
@@ -306,7 +323,10 @@ def plot(manifest: Manifest, out: Path) -> Path | None:
 
     placements = sorted({p for _, e in entries for p in e.placements})
     has_vram = any(r.gpu_mib() is not None for _, e in entries for r in e.placements.values())
-    fig, axes = plt.subplots(1, 2 if has_vram else 1, figsize=(10 if has_vram else 6, 4), squeeze=False)
+    quality = [(a, e.quality) for a in manifest.artifacts if (e := manifest.smoke_result(a)) and e.quality
+               and e.quality.finite]
+    panels = 1 + has_vram + bool(quality)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
     width = 0.8 / len(placements)
     for i, p in enumerate(placements):
         xs = [j + i * width for j in range(len(entries))]
@@ -316,10 +336,17 @@ def plot(manifest: Manifest, out: Path) -> Path | None:
         if has_vram:
             axes[0][1].bar(xs, [r.gpu_mib() or 0 if r else 0 for r in results], width, label=p)
     s = manifest.smoke
-    for ax, title in zip(axes[0], ["decode tok/s (mean ± sd)", "GPU: model + KV + compute buffers (MiB)"]):
+    for ax, title in zip(axes[0], ["decode tok/s (mean ± sd)", "GPU: model + KV + compute buffers (MiB)"][:1 + has_vram]):
         ax.set_xticks([j + width * (len(placements) - 1) / 2 for j in range(len(entries))], [q for q, _ in entries])
         ax.set_title(title)
         ax.legend()
+    if quality:  # size against quality, one point per file: does a mix beat a plain quant of its size?
+        ax = axes[0][-1]
+        for a, q in quality:
+            ax.scatter(a.size / 2**20, q.kld_mean)
+            ax.annotate(a.quant, (a.size / 2**20, q.kld_mean), fontsize=8)
+        ax.set_xlabel("file size (MiB)")
+        ax.set_title("KLD vs F16 against file size")
     fig.suptitle(f"measured by moeprep, backend {s.backend}, {s.hardware.cpu}, N={s.settings.runs}", fontsize=9)
     fig.tight_layout()
     path = out / PLOT

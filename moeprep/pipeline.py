@@ -16,6 +16,7 @@ from . import convert as convert_stage
 from . import download as download_stage
 from . import hub
 from . import manifest as mf
+from . import mixes as mix_stage
 from . import probe as probe_stage
 from . import progress
 from . import quantize as quantize_stage
@@ -159,9 +160,12 @@ def _drop_stale(out: Path, manifest: Manifest, base: Artifact) -> list[str]:
     return notes
 
 
-def quantize_model(out: Path, *, quants: list[str], nthread: int = 0, imatrix: ImatrixSpec | None = None,
-                   status: Status = quiet) -> Outcome:
-    """Make every quant in `quants` from the directory's converted file; the result is the Manifest."""
+def quantize_model(out: Path, *, quants: list[str], mixes: list[str] = (), tensor_types: list[str] = (),
+                   nthread: int = 0, imatrix: ImatrixSpec | None = None, status: Status = quiet) -> Outcome:
+    """Make every quant in `quants` and every mix in `mixes` from the directory's converted file, each with the
+    `tensor_types` rules first; the result is the Manifest."""
+    from . import imatrix as imatrix_stage
+
     manifest = mf.load(out)
     f16 = manifest.base
     if f16 is None:
@@ -171,40 +175,71 @@ def quantize_model(out: Path, *, quants: list[str], nthread: int = 0, imatrix: I
     if f16.quant in quants:  # the converted file is that type already: quantizing it would overwrite it
         outcome.notes.append(f"{f16.quant} is the converted file itself ({f16.path}); nothing to quantize")
         quants = [q for q in quants if q != f16.quant]
+    targets = mix_stage.targets(quants, list(mixes), list(tensor_types))
+    covered = _labels(imatrix.quants) if imatrix else []
+    _check_imatrix_needs(targets, covered)
+    outcome.notes += _rule_notes(out / f16.path, targets)
     imat = _imatrix(out, manifest, f16, imatrix, status) if imatrix and imatrix.quants else None
-    for q in quants:
-        name = artifact_name(manifest.model, q)
-        use = imat is not None and q in imatrix.quants
-        settings = ArtifactSettings(ftype=q, imatrix=imat.sha256 if use else None)
-        if up_to_date(out, manifest.artifact(q), f16.sha256, settings):
+    loaded = None
+    for t in targets:
+        name = artifact_name(manifest.model, t.label)
+        use = imat is not None and t.label in covered
+        settings = _settings(t, imat.sha256 if use else None)
+        if up_to_date(out, manifest.artifact(t.label), f16.sha256, settings):
             outcome.kept.append(name)
             continue
-        status(f"quantizing {f16.path} to {q}" + (" with the importance matrix" if use else ""))
-        if use:
-            from . import imatrix as imatrix_stage
-
-            imatrix_stage.quantize(out / f16.path, out / name, q, out / imat.path, out / "logs" / f"quantize-{q}.log",
-                                   nthread)
-        else:
-            quantize_stage.quantize(out / f16.path, out / name, q, nthread)
-        manifest.put(record(out, out / name, q, "quantize", f16.sha256, settings))
+        status(f"quantizing {f16.path} to {t.label}" + (" with the importance matrix" if use else ""))
+        if use and loaded is None:
+            loaded = imatrix_stage.load(out / imat.path)
+        quantize_stage.quantize(out / f16.path, out / name, t.ftype, nthread, imatrix=loaded if use else None,
+                                rules=t.rules)
+        manifest.put(record(out, out / name, t.label, "quantize", f16.sha256, settings))
         mf.save(out, manifest)
         outcome.made.append(name)
     return outcome
 
 
+def _labels(names: list[str]) -> list[str]:
+    """Quant types normalised as check_types does, and mix names as moeprep ships them."""
+    return [mix_stage.get(n).name if n.lower() in mix_stage.MIXES else quantize_stage.check_types([n], True)[0]
+            for n in names]
+
+
+def _settings(target: mix_stage.Target, imatrix: str | None) -> ArtifactSettings:
+    return ArtifactSettings(ftype=target.ftype, imatrix=imatrix, mix=target.mix,
+                            tensor_types=[str(r) for r in target.rules])
+
+
+def _check_imatrix_needs(targets: list[mix_stage.Target], covered: list[str]) -> None:
+    """A file type or a rule's tensor type that llama.cpp refuses without an importance matrix, and none given."""
+    if missing := [t.label for t in targets if t.needs_imatrix and t.label not in covered]:
+        raise MoeprepError(f"{', '.join(missing)} need{'s' * (len(missing) == 1)} an importance matrix, and llama.cpp "
+                           "refuses it without one", "give one (--imatrix, --imatrix-text, or the recipe's imatrix "
+                           "quants), or choose other types")
+
+
+def _rule_notes(path: Path, targets: list[mix_stage.Target]) -> list[str]:
+    if not any(t.rules for t in targets):
+        return []
+    tensors = [(t.name, len(t.shape)) for t in probe_stage.read(path).tensors]
+    return mix_stage.notes(targets, tensors, path.name)
+
+
 def prepare(source: str, *, out: Path | None = None, outtype: str = "f16",
-            quants: list[str] | tuple[str, ...] = quantize_stage.DEFAULT_QUANTS, revision: str | None = None,
-            nthread: int = 0, imatrix: ImatrixSpec | None = None, status: Status = quiet) -> Outcome:
+            quants: list[str] | tuple[str, ...] = quantize_stage.DEFAULT_QUANTS, mixes: list[str] = (),
+            tensor_types: list[str] = (), revision: str | None = None, nthread: int = 0,
+            imatrix: ImatrixSpec | None = None, status: Status = quiet) -> Outcome:
     """`moeprep convert`: convert, then quantize; one Outcome for both, its result the final Manifest."""
     quants = quantize_stage.check_types(list(quants), allow_imatrix=imatrix is not None)
+    targets = mix_stage.targets(quants, list(mixes), list(tensor_types))  # a bad mix or rule stops it before any work
     if imatrix is not None:
-        imatrix.quants = quantize_stage.check_types(imatrix.quants, allow_imatrix=True)
-        if missing := [q for q in quants if q in quantize_stage.NEEDS_IMATRIX and q not in imatrix.quants]:
-            raise MoeprepError(f"{', '.join(missing)} need the importance matrix", "list them among the imatrix quants")
+        imatrix.quants = _labels(imatrix.quants)
+    _check_imatrix_needs(targets, imatrix.quants if imatrix else [])
     out = Path(out) if out else default_out(model_name(source))
-    converted = convert_model(source, out=out, outtype=outtype, revision=revision, quants=quants, status=status)
-    quantized = quantize_model(out, quants=quants, nthread=nthread, imatrix=imatrix, status=status)
+    converted = convert_model(source, out=out, outtype=outtype, revision=revision, quants=[t.label for t in targets],
+                              status=status)
+    quantized = quantize_model(out, quants=quants, mixes=mixes, tensor_types=tensor_types, nthread=nthread,
+                               imatrix=imatrix, status=status)
     return Outcome("convert", converted.made + quantized.made, converted.kept + quantized.kept,
                    converted.notes + quantized.notes, quantized.result)
 
@@ -249,45 +284,59 @@ def _check_disk_for_download(snap: download_stage.RepoSnapshot, out: Path, name:
 
 
 def quantize_file(src: Path, quants: list[str], nthread: int = 0, status: Status = quiet,
-                  imatrix: Path | None = None) -> Outcome:
-    """`moeprep quantize`: `<Model>-<QUANT>.gguf` beside `src`, recorded in its manifest if it has one.
-
-    The outcome's result is the list of Artifacts, made or kept.
+                  imatrix: Path | None = None, *, mixes: list[str] = (), tensor_types: list[str] = (),
+                  dry_run: bool = False) -> Outcome:
+    """`moeprep quantize`: `<Model>-<QUANT>.gguf` (or `<Model>-<mix>.gguf`) beside `src`, recorded in its manifest
+    if it has one. The outcome's result is the list of Artifacts, made or kept; with `dry_run`, the list of
+    quantize.Sized that llama.cpp's dry run gives, and nothing is written.
     """
+    from . import imatrix as imatrix_stage
+
     src = Path(src)
-    quants = quantize_stage.check_types(quants, allow_imatrix=imatrix is not None)
+    quants = quantize_stage.check_types(quants, allow_imatrix=imatrix is not None or dry_run)
+    targets = mix_stage.targets(quants, list(mixes), list(tensor_types))
     if imatrix is not None and not Path(imatrix).is_file():
         raise MoeprepError(f"importance matrix {imatrix} not found", "compute one with `moeprep imatrix`")
+    if not dry_run:
+        _check_imatrix_needs(targets, [t.label for t in targets] if imatrix else [])
     report = probe_stage.probe(src)  # refuse a missing, truncated or non-GGUF input with a clear message
+    loaded = imatrix_stage.load(imatrix) if imatrix else None  # a bad imatrix is refused before any work
     out = src.parent
     model = re.sub(r"-(F16|BF16|F32)$", "", src.stem, flags=re.IGNORECASE)
     manifest = mf.load_or_none(out)
     outcome = Outcome("quantize", result=[])
     own = manifest.artifact_at(src.name) if manifest else None
-    if own is not None and own.quant in quants:
+    if own is not None and own.quant in [t.label for t in targets]:
         outcome.notes.append(f"{own.quant} is the input file itself; nothing to quantize")
-        quants = [q for q in quants if q != own.quant]
-    check_free_space(out, sum(quantize_stage.planned_size(report.n_params, q) for q in quants), "the quants")
+        targets = [t for t in targets if t.label != own.quant]
+    outcome.notes += _rule_notes(src, targets)
+    if dry_run:
+        if not imatrix and (need := [t.label for t in targets if t.needs_imatrix]):
+            outcome.notes.append(f"{', '.join(need)} will need an importance matrix when made for real")
+        outcome.result = [_sized(src, out / artifact_name(model, t.label), t, nthread, loaded) for t in targets]
+        return outcome
+    check_free_space(out, sum(quantize_stage.planned_size(report.n_params, t.label) for t in targets), "the quants")
     src_sha256 = sha256_file(src)
-    for q in quants:
-        dst = out / artifact_name(model, q)
-        settings = ArtifactSettings(ftype=q, imatrix=sha256_file(imatrix) if imatrix else None)
-        if manifest and up_to_date(out, manifest.artifact(q), src_sha256, settings):
-            outcome.result.append(manifest.artifact(q))
+    imatrix_sha256 = sha256_file(imatrix) if imatrix else None
+    for t in targets:
+        dst = out / artifact_name(model, t.label)
+        settings = _settings(t, imatrix_sha256)
+        if manifest and up_to_date(out, manifest.artifact(t.label), src_sha256, settings):
+            outcome.result.append(manifest.artifact(t.label))
             outcome.kept.append(dst.name)
             continue
-        status(f"quantizing {src.name} to {q}")
-        if imatrix:
-            from . import imatrix as imatrix_stage
-
-            (out / "logs").mkdir(exist_ok=True)
-            imatrix_stage.quantize(src, dst, q, Path(imatrix), out / "logs" / f"quantize-{q}.log", nthread)
-        else:
-            quantize_stage.quantize(src, dst, q, nthread)
-        artifact = record(out, dst, q, "quantize", src_sha256, settings)
+        status(f"quantizing {src.name} to {t.label}")
+        quantize_stage.quantize(src, dst, t.ftype, nthread, imatrix=loaded, rules=t.rules)
+        artifact = record(out, dst, t.label, "quantize", src_sha256, settings)
         outcome.result.append(artifact)
         outcome.made.append(dst.name)
         if manifest:
             manifest.put(artifact)
             mf.save(out, manifest)
     return outcome
+
+
+def _sized(src: Path, dst: Path, t: mix_stage.Target, nthread: int, imatrix) -> quantize_stage.Sized:
+    types = quantize_stage.quantize(src, dst, t.ftype, nthread, imatrix=imatrix, rules=t.rules, dry_run=True)
+    total, bits, by_type = quantize_stage.size(src, types, imatrix)
+    return quantize_stage.Sized(dst.name, t.label, t.ftype, t.mix, [str(r) for r in t.rules], total, bits, by_type)

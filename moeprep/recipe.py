@@ -46,9 +46,31 @@ def _quants(names: list[str]) -> list[str]:
     return check_types(names, allow_imatrix=True)
 
 
+def _mixes(names: list[str]) -> list[str]:
+    from .mixes import get
+    return list(dict.fromkeys(get(n).name for n in names))
+
+
+def _quants_or_mixes(names: list[str]) -> list[str]:
+    from .mixes import MIXES
+    return [_mixes([n])[0] if n.lower() in MIXES else _quants([n])[0] for n in names]
+
+
+def _rules(texts: list[str]) -> list[str]:
+    from .mixes import parse
+    return [str(parse(t)) for t in texts]
+
+
+def _one_or_many(value):  # `mix: moe-q4` reads as `mix: [moe-q4]`
+    return [value] if isinstance(value, str) else value
+
+
 RepoId = Annotated[str, AfterValidator(_checked(hub_ids.check_repo_id))]
 Size = Annotated[str, BeforeValidator(_checked(_size))]
 Quants = Annotated[list[str], AfterValidator(_checked(_quants))]
+Mixes = Annotated[list[str], BeforeValidator(_one_or_many), AfterValidator(_checked(_mixes))]
+QuantsOrMixes = Annotated[list[str], AfterValidator(_checked(_quants_or_mixes))]
+TensorTypes = Annotated[list[str], AfterValidator(_checked(_rules))]
 PlacementName = Annotated[str, AfterValidator(_checked(lambda text: placement.parse(text).name))]
 
 
@@ -64,7 +86,7 @@ class Source(Section):
 
 class Imatrix(Section):
     calibration: str  # a text file, relative to the recipe
-    quants: Quants  # the quants made with it
+    quants: QuantsOrMixes  # the quants and mixes made with it
     ctx: int = Field(512, ge=32)  # the same bounds as `moeprep imatrix`
     chunks: int = Field(0, ge=0)  # 0: the whole text
 
@@ -106,6 +128,8 @@ class Recipe(Section):
     source: Source
     hub: Hub
     quants: Quants = ["Q8_0", "Q4_K_M", "Q2_K"]
+    mix: Mixes = []  # named mixes made besides the quants: <name>-<mix>.gguf
+    tensor_types: TensorTypes = []  # PATTERN=TYPE rules for every quant and mix, first match wins
     outtype: Literal["f16", "bf16", "f32"] = "f16"
     imatrix: Imatrix | None = None
     smoke: Smoke = Field(default_factory=Smoke)
@@ -122,14 +146,19 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _check_imatrix(self, info: ValidationInfo) -> Recipe:
-        from .quantize import NEEDS_IMATRIX
+        from .mixes import targets
         self._path = (info.context or {}).get("path")  # set first: the calibration text is relative to it
         covered = self.imatrix.quants if self.imatrix else []
-        if missing := [q for q in self.quants if q in NEEDS_IMATRIX and q not in covered]:
+        try:
+            made = targets(self.quants, self.mix, self.tensor_types)
+        except MoeprepError as e:
+            raise _Invalid(e.message, e.hint, key="tensor_types") from None
+        if missing := [t.label for t in made if t.needs_imatrix and t.label not in covered]:
             raise _Invalid(f"{', '.join(missing)} need an importance matrix",
-                           "add an imatrix section that lists them, or choose other quants", key="quants")
+                           "add an imatrix section that lists them, or choose other quants",
+                           key="quants" if missing[0] in self.quants else "mix")
         if self.imatrix:
-            if stray := [q for q in self.imatrix.quants if q not in self.quants]:
+            if stray := [q for q in self.imatrix.quants if q not in self.quants + self.mix]:
                 raise _Invalid(f"names {', '.join(stray)}, which quants does not list",
                                "list every imatrix quant under quants too", key="imatrix.quants")
             if not (text := self.relative(self.imatrix.calibration)).is_file():

@@ -57,8 +57,8 @@ def _download(run: Run) -> Outcome:
 
 def _convert(run: Run) -> Outcome:
     r = run.recipe
-    return convert_model(r.source.repo, out=run.out, outtype=r.outtype, revision=r.source.revision, quants=r.quants,
-                         fetched=run.fetched, status=run.status)
+    return convert_model(r.source.repo, out=run.out, outtype=r.outtype, revision=r.source.revision,
+                         quants=r.quants + r.mix, fetched=run.fetched, status=run.status)
 
 
 def _quantize(run: Run) -> Outcome:
@@ -66,7 +66,8 @@ def _quantize(run: Run) -> Outcome:
     spec = None
     if r.imatrix:
         spec = ImatrixSpec(r.relative(r.imatrix.calibration), r.imatrix.quants, r.imatrix.ctx, r.imatrix.chunks)
-    return quantize_model(run.out, quants=r.quants, imatrix=spec, status=run.status)
+    return quantize_model(run.out, quants=r.quants, mixes=r.mix, tensor_types=r.tensor_types, imatrix=spec,
+                          status=run.status)
 
 
 def _probe(run: Run) -> Outcome:
@@ -184,7 +185,7 @@ def plan(path: Path, *, stages: list[str] | None = None, out: Path | None = None
         unknown.append(f"source size and commit: {e.message}")
         n_params = None
     files = []
-    for q in [r.outtype.upper(), *r.quants]:
+    for q in [r.outtype.upper(), *r.quants, *r.mix]:
         size = (n_params * 2 if q == r.outtype.upper() else planned_size(n_params, q) / 1.1) if n_params else None
         shards = int(size // r.hub.max_shard_bytes) + 1 if size else None
         files.append({"file": artifact_name(r.name, q), "estimated_bytes": int(size) if size else None,

@@ -138,6 +138,21 @@ def test_card_vram_is_the_placements_gpu_buffers_with_the_overhead_stated_once(f
     assert lint(fresh / "README.md") == []
 
 
+def test_card_names_mixes_and_custom_tensor_types_with_their_rules(fresh):
+    f16 = fresh / "tiny-phimoe-F16.gguf"
+    assert run("quantize", f16, "--mix", "moe-q4").exit_code == 0
+    assert run("quantize", f16, "--quant", "Q5_K_M", "--tensor-type", "attn_.*=Q8_0").exit_code == 0
+    assert run("card", fresh).exit_code == 0
+    text = (fresh / "README.md").read_text()
+    rows = table(text)
+    assert rows["tiny-phimoe-moe-q4.gguf"][1] == "moe-q4"
+    assert rows["tiny-phimoe-Q5_K_M.gguf"][1] == "Q5_K_M (custom tensor types)"
+    assert "## Quant mixes" in text
+    assert "- `moe-q4`: Q4_K_M with these tensor types, the first matching rule wins: `ffn_down_exps=Q5_K`" in text
+    assert "- `Q5_K_M`: Q5_K_M with these tensor types, the first matching rule wins: `attn_.*=Q8_0`." in text
+    assert lint(fresh / "README.md") == []
+
+
 @pytest.fixture
 def good_card(fresh):
     run("card", fresh)

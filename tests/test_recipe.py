@@ -60,7 +60,7 @@ HUB = {"repo_id": "me/x"}
      "imatrix.quants: names Q4_0, which quants does not list", "list every imatrix quant under quants too"),
     ({"imatrix": {"calibration": "missing.txt", "quants": ["Q2_K"]}}, "imatrix.calibration: ", "relative to the recipe"),
     ({"imatrix": {"quants": ["Q2_K"]}}, "imatrix: missing key 'calibration'", "add it"),
-    ({"path": "elsewhere.yaml"}, "unknown key 'path'", "known keys: card, expect, hub, imatrix, name, outtype"),
+    ({"path": "elsewhere.yaml"}, "unknown key 'path'", "known keys: card, expect, hub, imatrix, mix, name, outtype"),
     ({"source": {"repo": "a/b", "revision": 20240101}}, "source.revision must be a string, not int 20240101", "fix"),
 ])
 def test_recipe_refuses_a_bad_value_when_it_loads(change, message, hint, tmp_path):

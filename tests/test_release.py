@@ -190,7 +190,8 @@ def test_imatrix_quant_needs_and_uses_an_importance_matrix(converted_phimoe, tmp
     result = run("quantize", f16, "--quant", "IQ2_XS", "--imatrix", info["imatrix"], "--json")
     assert result.exit_code == 0, result.output
     [a] = json.loads(result.stdout)
-    assert a["settings"] == {"outtype": None, "ftype": "IQ2_XS", "imatrix": info["sha256"]}
+    assert a["settings"] == {"outtype": None, "ftype": "IQ2_XS", "imatrix": info["sha256"], "mix": None,
+                             "tensor_types": []}
     assert len(generate(out / "tiny-phimoe-IQ2_XS.gguf")) == 8
 
 
