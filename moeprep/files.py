@@ -45,12 +45,16 @@ def partial_path(path: Path) -> Path:
 
 
 @contextmanager
-def write_aside(path: Path, expected: int | None = None) -> Iterator[Path]:
+def write_aside(path: Path, expected: int | None = None,
+                before_rename: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
 
     A `.partial` left by a killed run is never reused: nothing proves it complete, so it is written
-    again. When the block fails on a disk that is full (or too full for `expected` bytes), the error
-    says so, naming the path, the bytes needed and the bytes free.
+    again. `before_rename(tmp)` runs on the complete file before it takes its name (to record it in
+    the manifest), and any older file of that name goes first: a kill at any moment leaves no file under
+    its final name that the manifest does not list with its sha256. When the block fails on a disk that
+    is full (or too full for `expected` bytes), the error says so, naming the path, the bytes needed and
+    the bytes free.
     """
     tmp = partial_path(path)
     tmp.unlink(missing_ok=True)
@@ -68,6 +72,9 @@ def write_aside(path: Path, expected: int | None = None) -> Iterator[Path]:
                 f"the disk filled up while writing {path}: about {human_bytes(expected or written)} needed, "
                 f"{human_bytes(free)} free", "free some space, then run the same command again") from e
         raise
+    if before_rename is not None:
+        path.unlink(missing_ok=True)
+        before_rename(tmp)
     os.replace(tmp, path)
 
 

@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from . import convert as convert_stage
 from . import download as download_stage
@@ -55,12 +56,31 @@ def up_to_date(out: Path, artifact: Artifact | None, made_from: str, settings: A
     return sha256_file(path) == artifact.sha256
 
 
-def record(out: Path, path: Path, quant: str, stage: str, made_from: str, settings: ArtifactSettings) -> Artifact:
-    """The artifact record of a finished file: its sha256 and its probe (the header alone, so cheap)."""
-    with progress.bar(f"sha256 {path.name}", path.stat().st_size) as bar:
+def record(out: Path, path: Path, quant: str, stage: str, made_from: str, settings: ArtifactSettings,
+           final: Path | None = None) -> Artifact:
+    """The artifact record of a finished file (at `path`, to be named `final`): its sha256 and its probe
+    (the header alone, so cheap)."""
+    final = final or path
+    with progress.bar(f"sha256 {final.name}", path.stat().st_size) as bar:
         digest = sha256_file(path, bar.update)
-    return Artifact(str(path.relative_to(out)), quant, path.stat().st_size, digest, stage, made_from, settings,
-                    probe=probe_stage.probe(path))
+    report = probe_stage.probe(path)
+    report.file = final.name
+    return Artifact(str(final.relative_to(out)), quant, path.stat().st_size, digest, stage, made_from, settings,
+                    probe=report)
+
+
+def recorder(out: Path, final: Path, manifest: Manifest | None, made: list, *args) -> Callable[[Path], None]:
+    """What a stage runs on a complete `.partial` before it takes its final name: record it in the manifest
+    (`args` as `record` takes them), so no final-named file is ever on disk unlisted."""
+
+    def commit(tmp: Path) -> None:
+        artifact = record(out, tmp, *args, final=final)
+        made.append(artifact)
+        if manifest is not None:
+            manifest.put(artifact)
+            mf.save(out, manifest)
+
+    return commit
 
 
 def model_name(source: str) -> str:
@@ -129,8 +149,8 @@ def convert_model(source: str, *, out: Path | None = None, outtype: str = "f16",
         status(f"converting {model.architecture} ({model.n_params / 1e6:.1f}M parameters) to {base}")
         logs = out / "logs"
         logs.mkdir(exist_ok=True)
-        convert_stage.convert(model, out / base, outtype, logs / f"convert-{outtype}.log", name)
-        manifest.put(record(out, out / base, outtype.upper(), "convert", fingerprint, settings))
+        convert_stage.convert(model, out / base, outtype, logs / f"convert-{outtype}.log", name,
+                              recorder(out, out / base, manifest, [], outtype.upper(), "convert", fingerprint, settings))
         outcome.made.append(base)
     outcome.notes += _drop_stale(out, manifest, manifest.artifact(outtype.upper()))
     if manifest.probe and not manifest.probe.is_moe and not dense_said:
@@ -192,9 +212,8 @@ def quantize_model(out: Path, *, quants: list[str], mixes: list[str] = (), tenso
         if use and loaded is None:
             loaded = imatrix_stage.load(out / imat.path)
         quantize_stage.quantize(out / f16.path, out / name, t.ftype, nthread, imatrix=loaded if use else None,
-                                rules=t.rules)
-        manifest.put(record(out, out / name, t.label, "quantize", f16.sha256, settings))
-        mf.save(out, manifest)
+                                rules=t.rules, before_rename=recorder(out, out / name, manifest, [], t.label,
+                                                                      "quantize", f16.sha256, settings))
         outcome.made.append(name)
     return outcome
 
@@ -326,13 +345,10 @@ def quantize_file(src: Path, quants: list[str], nthread: int = 0, status: Status
             outcome.kept.append(dst.name)
             continue
         status(f"quantizing {src.name} to {t.label}")
-        quantize_stage.quantize(src, dst, t.ftype, nthread, imatrix=loaded, rules=t.rules)
-        artifact = record(out, dst, t.label, "quantize", src_sha256, settings)
-        outcome.result.append(artifact)
+        quantize_stage.quantize(src, dst, t.ftype, nthread, imatrix=loaded, rules=t.rules,
+                                before_rename=recorder(out, dst, manifest, outcome.result, t.label, "quantize",
+                                                       src_sha256, settings))
         outcome.made.append(dst.name)
-        if manifest:
-            manifest.put(artifact)
-            mf.save(out, manifest)
     return outcome
 
 

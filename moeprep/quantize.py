@@ -72,7 +72,7 @@ _NEW_TYPE = re.compile(r"converting to (\w+) \.\.|-> .*MiB \((\w+)\)")
 
 
 def quantize(src: Path, dst: Path, name: str, nthread: int = 0, *, imatrix=None, rules=(), dry_run: bool = False,
-             ) -> dict[str, str]:
+             before_rename=None) -> dict[str, str]:
     """Quantize `src` (an F16/BF16/F32 GGUF) to `dst` as llama.cpp file type `name`.
 
     `imatrix` is an imatrix.Imatrix; `rules` are mixes.Rule, first match wins. With `dry_run` llama.cpp
@@ -116,7 +116,7 @@ def quantize(src: Path, dst: Path, name: str, nthread: int = 0, *, imatrix=None,
         if dry_run:
             run(dst)  # llama.cpp opens no output in a dry run
         else:
-            with write_aside(dst, planned_size(src.stat().st_size // 2, name)) as tmp:
+            with write_aside(dst, planned_size(src.stat().st_size // 2, name), before_rename) as tmp:
                 run(tmp)
     del keep  # only now may the arrays llama.cpp read from go
     return types

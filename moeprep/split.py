@@ -14,8 +14,12 @@ from pathlib import Path
 from . import progress
 
 
-def split(src: Path, out_dir: Path, max_bytes: int) -> list[Path]:
-    """Write `src` as shards of at most `max_bytes` of tensor data into `out_dir` (aside, then renamed)."""
+def split(src: Path, out_dir: Path, max_bytes: int, before_rename=None) -> list[Path]:
+    """Write `src` as shards of at most `max_bytes` of tensor data into `out_dir` (aside, then renamed).
+
+    `before_rename(shards)` sees the complete shards in the work folder before the folder takes its name,
+    so they can be recorded first: a kill never leaves final-named shards the manifest does not list.
+    """
     import gguf
 
     reader = gguf.GGUFReader(src, "r")
@@ -42,6 +46,8 @@ def split(src: Path, out_dir: Path, max_bytes: int) -> list[Path]:
     writer.close()
     shards = sorted(work.iterdir())
     shutil.rmtree(out_dir, ignore_errors=True)
+    if before_rename is not None:
+        before_rename(shards)
     os.replace(work, out_dir)
     return [out_dir / p.name for p in shards]
 
@@ -68,9 +74,12 @@ def shard_artifacts(out: Path, manifest, max_bytes: int, *, dry_run: bool = Fals
             notes.append(f"{a.path} would be split into shards of at most {max_bytes} bytes of tensor data")
             continue
         status(f"splitting {a.path} into shards of at most {max_bytes} bytes")
-        paths = split(out / a.path, out / a.quant, max_bytes)
-        a.shards = [Shard(str(p.relative_to(out)), p.stat().st_size, sha256_file(p), a.sha256, max_bytes) for p in paths]
-        mf.save(out, manifest)
+
+        def record(work: list[Path], a=a) -> None:
+            a.shards = [Shard(f"{a.quant}/{p.name}", p.stat().st_size, sha256_file(p), a.sha256, max_bytes) for p in work]
+            mf.save(out, manifest)
+
+        split(out / a.path, out / a.quant, max_bytes, before_rename=record)
     return notes
 
 
