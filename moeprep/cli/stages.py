@@ -1,85 +1,18 @@
-"""The `moeprep` command: thin Click commands over one module per stage.
-
-A command parses its options, makes one library call and hands the result to output.py. Every
-MoeprepError is shown here, as one line, with exit code 1; --debug (or MOEPREP_DEBUG) shows the traceback.
-"""
+"""The commands of one stage each: download, convert, quantize, imatrix, probe, smoke, plan; doctor, demo."""
 
 from __future__ import annotations
 
-import os
-import signal
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from . import __version__
-from . import card as card_stage
-from . import output, release as release_stage
-from .errors import MoeprepError
-from .lock import locked
-from .options import QuantHelpCommand, card_options, json_option, quant_options
-from .output import emit, status
-from .tiers import TIERS_GIB
-
-
-class Group(click.Group):
-    def invoke(self, ctx: click.Context):
-        previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends a run as Ctrl-C does
-        try:
-            return super().invoke(ctx)
-        except MoeprepError as e:
-            if ctx.params.get("debug") or os.environ.get("MOEPREP_DEBUG"):
-                raise
-            click.echo(f"Error: {e.message}" + (f" ({e.hint})" if e.hint else ""), err=True)
-            ctx.exit(1)
-        except KeyboardInterrupt:
-            click.echo("Interrupted: finished outputs are kept; run the same command again to continue.", err=True)
-            ctx.exit(130)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def writing(directory: Path, what: str, dry_run: bool = False):
-    """Hold the directory's lock while the command writes into it; one that does not exist is the stage's to refuse."""
-    if dry_run or not Path(directory).is_dir():
-        yield
-        return
-    with locked(directory, what):
-        yield
-
-
-def _version(ctx: click.Context, param, value: bool) -> None:
-    if not value or ctx.resilient_parsing:
-        return
-    from .libllama import versions
-
-    v = versions()
-    click.echo(f"moeprep {__version__} (llama.cpp {v['llama_cpp_commit']}, llama-cpp-python {v['llama_cpp_python']})")
-    ctx.exit()
-
-
-@click.group(cls=Group)
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
-              help="Show moeprep's version and the llama.cpp commit it runs, and exit.")
-@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def main(debug: bool, quiet: bool) -> None:
-    """Prepare Mixture-of-Experts models as GGUF files people can trust.
-
-    \b
-    Example:
-      moeprep convert microsoft/Phi-3.5-MoE-instruct
-    """
-    if quiet:
-        from . import progress
-
-        progress.disable()
+from . import main, writing
+from .. import output
+from ..errors import MoeprepError
+from ..lock import locked
+from ..options import QuantHelpCommand, json_option, quant_options
+from ..output import emit, status
+from ..tiers import TIERS_GIB
 
 
 @main.command()
@@ -95,7 +28,7 @@ def download(source: str, revision: str | None, as_json: bool) -> None:
     Example:
       moeprep download microsoft/Phi-3.5-MoE-instruct --revision main
     """
-    from . import download as stage
+    from .. import download as stage
 
     folder, src = stage.fetch(source, revision, status=status)
     emit({"folder": folder, "source": src}, as_json, lambda r: [f"{f.sha256}  {f.path}" for f in src.files] + [
@@ -122,8 +55,8 @@ def convert(source, out, outtype, quants, mixes, tensor_types, revision, threads
     Example:
       moeprep convert microsoft/Phi-3.5-MoE-instruct --quant Q8_0 --quant Q4_K_M --mix moe-q4
     """
-    from .pipeline import ImatrixSpec, default_out, model_name, prepare
-    from .quantize import DEFAULT_QUANTS
+    from ..pipeline import ImatrixSpec, default_out, model_name, prepare
+    from ..quantize import DEFAULT_QUANTS
 
     chosen = list(quants) or ([] if mixes else list(DEFAULT_QUANTS))
     spec = ImatrixSpec(imatrix_text, chosen + list(mixes)) if imatrix_text else None
@@ -155,8 +88,8 @@ def quantize(file: Path, quants, mixes, tensor_types, threads: int, imatrix: Pat
     Example:
       moeprep quantize Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-F16.gguf --quant Q4_K_M --mix moe-q4 --dry-run
     """
-    from .pipeline import quantize_file
-    from .quantize import DEFAULT_QUANTS, size_lines
+    from ..pipeline import quantize_file
+    from ..quantize import DEFAULT_QUANTS, size_lines
 
     chosen = list(quants) or ([] if mixes else list(DEFAULT_QUANTS))
     with writing(file.parent, f"quantize {file.name}", dry_run):
@@ -184,53 +117,12 @@ def imatrix(file: Path, text: Path, out: Path | None, ctx: int, chunks: int, as_
     Example:
       moeprep imatrix Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-F16.gguf --text recipes/calibration/general-en.txt
     """
-    from . import imatrix as stage
+    from .. import imatrix as stage
 
     out = out or file.parent / "imatrix.gguf"
     with writing(out.parent, "imatrix"):
         record = stage.make(file, text, out, ctx, chunks)
     emit({"imatrix": out, **vars(record)}, as_json, lambda r: [f"{record.sha256}  {out} (from {record.text}, {record.tool})"])
-
-
-@main.command()
-@click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--stages", help="Stages or groups, comma-separated: download,convert,quantize,probe,smoke,card,push; "
-                               "prepare, smoke, publish. [default: all]")
-@click.option("--out", type=click.Path(path_type=Path), help="Output directory. [default: releases/<name>]")
-@click.option("--dry-run", is_flag=True, help="Print the plan (stages, files, sizes, disk and RAM preflight); do nothing.")
-@json_option
-def release(recipe: Path, stages: str | None, out: Path | None, dry_run: bool, as_json: bool) -> None:
-    """Run a recipe: download, convert, quantize, probe, smoke, card, push, skipping what is up to date.
-
-    Up to date: the same sha256 from the same inputs and settings. Killed and rerun, it finishes
-    the same artifacts; with nothing changed it does no work and says so. Two releases into the
-    same directory at once: the second refuses, naming the lock.
-
-    \b
-    Example:
-      moeprep release recipes/phi-3.5-moe-instruct.yaml --dry-run
-    """
-    chosen = release_stage.parse_stages(stages)
-    if dry_run:
-        emit(release_stage.plan(recipe, stages=chosen, out=out), as_json, release_stage.describe)
-        return
-    report = release_stage.run(recipe, stages=chosen, out=out, status=status)
-    for outcome in report.stages.values():
-        output.notes(outcome)
-    emit(report.to_dict(), as_json, lambda r: output.release_lines(report))
-
-
-@main.command()
-@click.argument("folder", type=click.Path(path_type=Path), default=Path("recipes"))
-@click.option("--group", type=click.Choice(list(release_stage.GROUPS)), help="Only this stage group.")
-def matrix(folder: Path, group: str | None) -> None:
-    """Print the GitHub Actions matrix (JSON) for scheduled releases: recipe x stage group.
-
-    \b
-    Example:
-      moeprep matrix recipes/ --group prepare
-    """
-    emit(release_stage.matrix(folder, group), True, list)
 
 
 @main.command()
@@ -244,7 +136,7 @@ def probe(file: Path, all_n: bool, as_json: bool) -> None:
     Example:
       moeprep probe Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-Q4_K_M.gguf --json
     """
-    from .probe import probe as run
+    from ..probe import probe as run
 
     emit(run(file), as_json, lambda r: output.probe_lines(r, all_n))
 
@@ -279,9 +171,9 @@ def smoke(target, placements, runs, ctx, new_tokens, threads, flash_attn, n_batc
     Example:
       moeprep smoke Phi-3.5-MoE-instruct-GGUF --placement gpu --placement n-cpu-moe=8 --json
     """
-    from . import placement
-    from . import smoke as stage
-    from .results import SmokeSettings
+    from .. import placement
+    from .. import smoke as stage
+    from ..results import SmokeSettings
 
     settings = SmokeSettings(runs=runs, ctx=ctx, new_tokens=new_tokens, threads=threads, flash_attn=flash_attn,
                              n_batch=n_batch, n_ubatch=n_ubatch)
@@ -326,11 +218,11 @@ def plan(file: Path, ctx: int, ubatch: int, batch: int, flash_attn: str, vram: s
       moeprep plan Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-Q4_K_M.gguf --ctx 8192 --vram 24GiB
       moeprep plan Phi-3.5-MoE-instruct-GGUF --tiers 16,24,48
     """
-    from .plan import plan_file
-    from .units import parse_size
+    from ..plan import plan_file
+    from ..units import parse_size
 
     if tiers is not None:
-        from .tiers import parse_tiers, table
+        from ..tiers import parse_tiers, table
 
         room = parse_size(headroom, "headroom") / 2**20 if headroom else None
         emit(table(file, tiers_gib=parse_tiers(tiers), flash_attn=flash_attn, headroom_mib=room), as_json,
@@ -338,112 +230,6 @@ def plan(file: Path, ctx: int, ubatch: int, batch: int, flash_attn: str, vram: s
         return
     size = parse_size(vram, "GPU memory size") if vram else None
     emit(plan_file(file, ctx, size, ubatch=ubatch, batch=batch, flash_attn=flash_attn), as_json, output.plan_lines)
-
-
-@main.command()
-@click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
-@card_options
-@click.option("--check", "check", type=click.Path(path_type=Path), help="Lint this card file instead of writing one.")
-@click.option("--push", "and_push", is_flag=True, help="Then push, as `moeprep push DIR --repo-id ...` does.")
-@click.option("--private", is_flag=True, help="With --push: create the repo private.")
-@click.option("--dry-run", is_flag=True, help="Write nothing; with --push, print what would be uploaded.")
-@json_option
-def card(directory, repo_id, layout, template, max_shard, quantized_by, base_model, check, and_push, private,
-         dry_run, as_json) -> None:
-    """Write DIR/README.md from DIR/manifest.json, or lint a card with --check.
-
-    The card is rendered in a Jinja sandbox from the manifest's records and must pass its own
-    lint: front matter, merge markers, unrendered template syntax, empty cells, figures equal to
-    the manifest's, absolute links to other repos. Files larger than --max-shard are split first,
-    so the card lists what will be uploaded. --push then uploads, as `moeprep push` does.
-
-    \b
-    Example:
-      moeprep card Phi-3.5-MoE-instruct-GGUF --repo-id me/Phi-3.5-MoE-instruct-GGUF --push
-    """
-    from .lint import lint
-
-    if check:
-        problems = lint(check)
-        emit({"card": check, "problems": problems}, as_json, lambda r: problems or [f"{check}: no problems"])
-        if problems:
-            raise MoeprepError(f"card lint failed: {len(problems)} problem{'s' * (len(problems) != 1)} in {check}",
-                               "fix them, or render the card again")
-        return
-    if directory is None:
-        raise MoeprepError("no output directory given", "moeprep card DIR, or moeprep card --check FILE")
-    if and_push and not repo_id:
-        raise MoeprepError("--push needs --repo-id ORG/NAME", "name the Hub repo to push to")
-    from .units import parse_size
-
-    options = card_stage.CardOptions(repo_id=repo_id, layout=layout, quantized_by=quantized_by, base_model=base_model,
-                                     template=template, max_shard=parse_size(max_shard, "shard size"))
-    with writing(directory, "card", dry_run):
-        written = card_stage.write(directory, options, dry_run=dry_run, status=status)
-    output.notes(written)
-    if and_push:
-        _push(directory, repo_id, layout, None, private, dry_run, as_json)
-        return
-    emit({"cards": written.result, "made": written.made, "kept": written.kept}, as_json,
-         lambda r: [("would write " if dry_run else "wrote ") + str(p) for p in written.result])
-
-
-@main.command()
-@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--repo-id", required=True, help="Hub repo ORG/NAME.")
-@click.option("--revision", help="Branch to commit to (created if missing). [default: main]")
-@click.option("--layout", type=click.Choice(["single", "per-quant"]), default="single", show_default=True,
-              help="The layout the cards were written for.")
-@click.option("--private", is_flag=True, help="Create the repo private.")
-@click.option("--dry-run", is_flag=True, help="Print what would be uploaded, and where; upload nothing.")
-@json_option
-def push(directory, repo_id, revision, layout, private, dry_run, as_json) -> None:
-    """Upload the GGUFs, card, plot and manifest to the Hub: one commit per repo.
-
-    The card must have been written by `moeprep card DIR --repo-id ORG/NAME`; push lints it once
-    (figures against the manifest, every file's sha256) and stops if it fails. Files already on
-    the Hub with the same sha256 are not sent again. The token (HF_TOKEN or `hf auth login`) is
-    never printed.
-
-    \b
-    Example:
-      moeprep push Phi-3.5-MoE-instruct-GGUF --repo-id me/Phi-3.5-MoE-instruct-GGUF
-    """
-    _push(directory, repo_id, layout, revision, private, dry_run, as_json)
-
-
-@main.command()
-@click.argument("spec", metavar="ORG/NAME[@REVISION]")
-@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False), help="Where the files go.")
-@click.option("--quant", "quants", multiple=True, metavar="QUANT", help="Only this quant; repeat for more. [default: all]")
-@json_option
-def pull(spec: str, out: Path, quants: tuple[str, ...], as_json: bool) -> None:
-    """Fetch a repo's manifest and the GGUFs it lists, checking every sha256 against it.
-
-    For CI jobs that meet through the Hub: a smoke job pulls only the file it measures from the
-    staging revision. Files already in --out with the right sha256 are not fetched again.
-
-    \b
-    Example:
-      moeprep pull me/Phi-3.5-MoE-instruct-GGUF@moeprep-staging --quant Q4_K_M --out work/
-    """
-    from .pull import parse, pull as fetch
-
-    parse(spec)  # a bad repo id is refused before --out is made
-    with locked(out, f"pull {spec}"):
-        outcome = fetch(spec, out, quants=list(quants), status=status)
-    emit({"out": out, "made": outcome.made, "kept": outcome.kept}, as_json,
-         lambda r: [f"fetched {p}" for p in outcome.made] + [f"kept {p} (same sha256)" for p in outcome.kept]
-         + [f"{len(outcome.made)} fetched, {len(outcome.kept)} already here; manifest: {out / 'manifest.json'}"])
-
-
-def _push(directory, repo_id, layout, revision, private, dry_run, as_json) -> None:
-    from .push import push as upload
-
-    with writing(directory, f"push {repo_id}", dry_run):
-        outcome = upload(directory, repo_id, layout=layout, revision=revision, private=private, dry_run=dry_run,
-                         status=status)
-    emit(outcome.result, as_json, output.push_lines)
 
 
 @main.command()
@@ -455,7 +241,7 @@ def doctor(as_json: bool) -> None:
     Example:
       moeprep doctor --json
     """
-    from .gpu import report
+    from ..gpu import report
 
     emit(report(), as_json, output.doctor_lines)
 
@@ -477,14 +263,10 @@ def demo(out: Path, kind: str, runs: int, as_json: bool) -> None:
     Example:
       moeprep demo --out demo
     """
-    from .demo import run
+    from ..demo import run
 
     done = run(kind, out, runs=runs, status=status)
     output.notes(done.convert)
     emit({"out": done.out, "made": done.convert.made + done.smoke.made + done.card.made,
           "manifest": done.manifest.to_dict(), "plan": done.plan, "card": done.card.result},
          as_json, lambda r: output.demo_lines(done))
-
-
-if __name__ == "__main__":
-    main()

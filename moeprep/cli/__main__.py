@@ -1,0 +1,5 @@
+"""`python -m moeprep.cli`: the moeprep command, as the tests and CI jobs run it."""
+
+from . import main
+
+main()
