@@ -138,3 +138,14 @@ def test_errors_not_enough_disk_for_a_download_alone(hub, monkeypatch):
     line = one_line_error(run("download", "some-org/tiny-dense"))
     assert line.startswith("Error: not enough free disk in ") and "for the download of some-org/tiny-dense" in line
     assert not [r for r in hub.requests if "/resolve/" in r[1]], "bytes moved before the disk check"
+
+
+def test_errors_dense_model_is_said_before_any_weight_moves(hub, tmp_path):
+    """config.json comes first: the architecture is checked, and a dense model announced, before the weights."""
+    hub.requests.clear()
+    result = run("convert", "some-org/tiny-dense", "--out", str(tmp_path / "dense"), "--quant", "Q8_0")
+    assert result.exit_code == 0, result.output
+    note = "note: some-org/tiny-dense is a dense model: --cpu-moe and --n-cpu-moe will change nothing"
+    assert note in result.stderr and result.stderr.index(note) < result.stderr.index("converting ")
+    fetched = [r[1] for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]]
+    assert fetched[0].endswith("/config.json") and any(p.endswith(".safetensors") for p in fetched[1:])
