@@ -61,6 +61,9 @@ def probe_lines(r, all_n: bool = False) -> list[str]:
                      f"{r.expert_shared_count}, leading dense blocks: {r.leading_dense_block_count}")
     lines.append(f"layout: {r.layout}" + ("" if r.loadable else " (current llama.cpp cannot load it)"))
     lines += [f"note: {note}" for note in r.notes]
+    if r.types:
+        lines.append("types: " + "; ".join(f"{cls} " + ", ".join(f"{t} x{n}" for t, n in sorted(by.items()))
+                                           for cls, by in r.types.items()))
     b = r.bytes
     lines.append(f"bytes: experts {hb(b['expert'])}, shared experts {hb(b['shared_expert'])}, "
                  f"routers {hb(b['router'])}, other {hb(b['other'])}, total {hb(b['total'])}")

@@ -84,6 +84,7 @@ class ProbeReport:
     layers: list[LayerExperts]
     placements: list[Placement]
     attention: Attention = field(default_factory=Attention)  # absent from format 1 manifests: all None
+    types: dict[str, dict[str, int]] = field(default_factory=dict)  # tensor class -> {ggml type: tensors}
 
     @property
     def is_moe(self) -> bool:
@@ -99,6 +100,33 @@ class ProbeReport:
         from pydantic import TypeAdapter
 
         return TypeAdapter(ProbeReport).dump_python(self, mode="json")
+
+
+def tensor_class(name: str) -> str:
+    """What a tensor is, for the per-class type summary (what a mix's rules aim at)."""
+    if _EXPERT.search(name) or _LEGACY.match(name):
+        return "experts"
+    if _SHARED.search(name):
+        return "shared experts"
+    if _ROUTER.search(name):
+        return "routers"
+    if "_norm." in name:  # attn_norm, ffn_norm, output_norm: small, always F32
+        return "norms and dense"
+    if ".attn_" in name:
+        return "attention"
+    if name.startswith("token_embd."):
+        return "embedding"
+    if name.startswith("output."):
+        return "output"
+    return "norms and dense"
+
+
+def type_summary(tensors: list[TensorInfo]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for t in tensors:
+        by_type = out.setdefault(tensor_class(t.name), {})
+        by_type[t.type] = by_type.get(t.type, 0) + 1
+    return out
 
 
 def read(path: Path):
@@ -227,6 +255,7 @@ def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
             rope_dimension_count=key("rope.dimension_count", None)),
         layers=[layers[b] for b in sorted(layers)],
         placements=[],
+        types=type_summary(tensors),
     )
     if n_values is None:
         n_values = list(range(1, block_count + 1)) if report.is_moe else []

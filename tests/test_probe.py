@@ -119,3 +119,21 @@ def test_probe_non_gguf_file_is_one_clear_error(tmp_path, content):
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {bad} is not a GGUF file")
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_probe_types_per_class_show_a_tensor_type_rule(converted_phimoe, tmp_path):
+    """Issue 12's acceptance, seen through probe: `--tensor-type 'attn_.*=Q8_0'` makes every attention weight Q8_0."""
+    import shutil
+
+    out = tmp_path / "typed"
+    shutil.copytree(converted_phimoe, out, ignore=shutil.ignore_patterns(".moeprep.lock"))
+    result = CliRunner().invoke(main, ["quantize", str(out / "tiny-phimoe-F16.gguf"), "--quant", "Q4_K_M",
+                                       "--tensor-type", "attn_.*=Q8_0", "--json"])
+    assert result.exit_code == 0, result.output
+    r = probe(out / "tiny-phimoe-Q4_K_M.gguf")
+    assert r.types["attention"] == {"Q8_0": 8, "F32": 8}  # 2 blocks x q, k, v, output weights; the biases stay F32
+    assert "Q8_0" not in r.types["experts"] and r.types["routers"] == {"F32": 2}
+    plain = probe(converted_phimoe / "tiny-phimoe-Q4_K_M.gguf")
+    assert "Q8_0" not in plain.types["attention"]
+    shown = CliRunner().invoke(main, ["probe", str(out / "tiny-phimoe-Q4_K_M.gguf")]).output
+    assert "attention F32 x8, Q8_0 x8" in shown
