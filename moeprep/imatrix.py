@@ -81,8 +81,21 @@ def make(model: Path, text: Path, out: Path, ctx: int = 512, chunks: int = 0) ->
 
     read(model)  # a missing, truncated or non-GGUF model is refused here, not by llama-imatrix's "failed to init"
     compute(model, text, out, out.with_name(out.stem + ".log"), ctx, chunks)
-    return ImatrixRecord(out.name, sha256_file(out), sha256_file(model), text.name, sha256_file(text), ctx, chunks,
+    return ImatrixRecord(out.name, sha256_file(out), _model_sha256(model), text.name, sha256_file(text), ctx, chunks,
                          [], version())
+
+
+def _model_sha256(model: Path) -> str:
+    """The F16's sha256 as its manifest records it, where the file is the one recorded (same size); hashing
+    an 80 GB file again would take a minute."""
+    from . import manifest as mf
+    from .files import sha256_file
+
+    manifest = mf.load_or_none(model.parent)
+    known = manifest.artifact_at(model.name) if manifest else None
+    if known is not None and model.stat().st_size == known.size:
+        return known.sha256
+    return sha256_file(model)
 
 
 @dataclass

