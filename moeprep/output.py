@@ -45,7 +45,7 @@ def outcome_lines(outcome, out=None) -> list[str]:
     lines = []
     m = outcome.result
     if isinstance(m, Manifest) and out is not None:
-        lines = [f"{a.sha256}  {a.size:>14,}  {out / a.path}" for a in m.artifacts]
+        lines = artifact_lines(m.artifacts, out)
     lines.append(f"made {len(outcome.made)}, kept {len(outcome.kept)}" + (f"; manifest: {out / 'manifest.json'}" if out else ""))
     return lines
 
