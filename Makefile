@@ -4,7 +4,7 @@
 
 setup: .venv/.installed
 
-.venv/.installed: pyproject.toml scripts/setup
+.venv/.installed: pyproject.toml scripts/setup scripts/build-llama
 	scripts/setup
 	touch $@
 

@@ -108,13 +108,13 @@ class PeakWatch:
 
 def report() -> dict:
     """What `moeprep doctor` shows: llama.cpp's devices and backends, NVML, hardware and versions."""
-    from .libllama import backends, devices
+    from .libllama import backends, build_info, devices, program_commits
     from .tools import gguf_origin, versions
 
     source, status = nvml()
     devs = devices()
     return {"backends": backends(devs), "devices": devs, "nvml": status, "hardware": hardware(source),
-            "tools": versions(), "gguf": gguf_origin()}
+            "tools": versions(), "gguf": gguf_origin(), "build": build_info(), "programs": program_commits()}
 
 
 def physical_cores() -> int:

