@@ -25,7 +25,9 @@ from .results import NOT_MEASURED, text
 TAGS = ["gguf", "moe", "mixture-of-experts", "cpu-offload", "llama.cpp", "quantized"]
 PLOT = "moeprep-smoke.png"
 COLUMNS = ["File", "Quant", "Size", "SHA256", "VRAM `gpu` (MiB)", "VRAM `cpu-moe` (MiB)",
-           "decode tok/s `gpu`", "decode tok/s `cpu-moe`", "TTFT `gpu` (s)", "KLD vs F16", "top-1 vs F16"]
+           "decode tok/s `gpu`", "decode tok/s `cpu-moe`", "TTFT `gpu` (s)"]
+QUALITY_COLUMNS = ["Quant", "Size", "PPL", "PPL of the F16", "mean KLD", "median KLD", "99% KLD", "99.9% KLD",
+                   "max KLD", "same top token", "RMS Δp"]
 LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 DRAFT = {"front matter: missing base_model", "front matter: missing base_model_relation"}  # what only a draft may lack
 
@@ -48,15 +50,53 @@ def file_rows(manifest: Manifest, artifacts: list[mf.Artifact]) -> list[list[str
         def tps(name):
             return text(places[name].decode_tps, 1) if name in places else NOT_MEASURED
 
-        q = entry.quality if entry else None
-        measured = q is not None and q.finite
-        kld = f"{q.kld_mean:.6f}" if measured else NOT_MEASURED
-        top1 = f"{q.top1_agreement:.3f}" if measured else NOT_MEASURED
         ttft = text(places["gpu"].ttft_s, 4) if "gpu" in places else NOT_MEASURED
         for path, size, sha, label in a.upload_files():
             rows.append([path, label, human_bytes(size), sha, vram("gpu"), vram("cpu-moe"), tps("gpu"),
-                         tps("cpu-moe"), ttft, kld, top1])
+                         tps("cpu-moe"), ttft])
     return rows
+
+
+def quality_rows(manifest: Manifest, artifacts: list[mf.Artifact]) -> list[list[str]]:
+    """Size and quality side by side, one row per file (a split file is one row): perplexity, KL divergence
+    against the F16 with its standard error and percentiles, same top token and RMS Δp, as llama-perplexity
+    --kl-divergence states them."""
+
+    def figure(value: float | None, digits: int, se: float | None = None, scale: float = 1, unit: str = "") -> str:
+        if value is None:
+            return NOT_MEASURED
+        shown = f"{value * scale:.{digits}f}" + (f" ± {se * scale:.{digits}f}" if se is not None else "")
+        return shown + unit
+
+    rows = []
+    for a in artifacts:
+        entry = manifest.smoke_result(a)
+        q = entry.quality if entry else None
+        label = a.upload_files()[0][3].removesuffix(f" (1/{len(a.shards)})") if a.shards else a.upload_files()[0][3]
+        if q is None or not q.finite:
+            cells = [NOT_MEASURED if q is None else "non-finite logits"] * (len(QUALITY_COLUMNS) - 2)
+        else:
+            cells = [figure(q.ppl, 4, q.ppl_se), figure(q.ppl_reference, 4, q.ppl_reference_se),
+                     figure(q.kld_mean, 6, q.kld_se), figure(q.kld_median, 6), figure(q.kld_p99, 6),
+                     figure(q.kld_p999, 6), figure(q.kld_max, 6), figure(q.top1_agreement, 2, q.top1_se, 100, " %"),
+                     figure(q.rms_dp, 3, q.rms_dp_se, 100, " %")]
+        rows.append([label, human_bytes(a.size)] + cells)
+    return rows
+
+
+def sample_outputs(manifest: Manifest, artifacts: list[mf.Artifact]) -> dict | None:
+    """Each file's greedy continuation of the smoke prompt, as smoke recorded it: what the quant says, beside
+    what the F16 says. Model output is data: it goes into the card as table cells, never as template source."""
+    if manifest.smoke is None:
+        return None
+    rows = []
+    for a in artifacts:
+        result = manifest.smoke_result(a)
+        first = next(iter(result.placements.values()), None) if result else None
+        if first is not None and first.greedy_text is not None:
+            rows.append([f"`{cell(a.path)}`", f"`{first.placement}`", cell(first.greedy_text).replace("[", "\\[") or "(nothing)"])
+    s = manifest.smoke.settings
+    return {"prompt": cell(s.prompt), "tokens": s.new_tokens, "rows": rows} if rows else None
 
 
 def plan_rows(out: Path, artifact: mf.Artifact, ctx: int = 4096) -> tuple[str, list[list[str]]]:
@@ -200,6 +240,8 @@ def context(out: Path, m: Manifest, repo: RepoCard, options: CardOptions) -> dic
         "model": model,
         "columns": COLUMNS,
         "rows": file_rows(m, repo.artifacts),
+        "quality": {"columns": QUALITY_COLUMNS, "rows": quality_rows(m, repo.artifacts)},
+        "samples": sample_outputs(m, repo.artifacts),
         "plot": PLOT if (out / PLOT).is_file() and m.smoke else None,
         "method": method_lines(m),
         "mixes": mix_lines(repo.artifacts),
@@ -246,9 +288,29 @@ def method_lines(m: Manifest) -> list[str]:
                  f"{st.new_tokens} generated token ids per run; llama.cpp ran with {ran} (llama-server's defaults "
                  f"but the context); {s.methods['decode_tps']}; TTFT is {s.methods['ttft_s']}; {where}.")
     lines.append(vram_line(s, where))
-    lines.append(f"KLD vs F16 and top-1: {s.methods['kld']}; {st.quality_tokens} positions of a fixed "
-                 f"text (sha256 {st.quality_text_sha256[:12]}…); {where}.")
+    lines.append(quality_line(m, where))
     return lines
+
+
+def quality_line(m: Manifest, where: str) -> str:
+    """How the quality table was measured: the text, its chunking and llama-perplexity's definitions."""
+    from .quality import METHODS
+
+    s = m.smoke
+    records = [q for a in m.artifacts if (e := m.smoke_result(a)) and (q := e.quality) is not None]
+    q = next((r for r in records if r.chunked), None)
+    if q is None and records:  # recorded before chunked evaluation: say what it was
+        old = records[0]
+        return (f"KLD vs F16 and same top token: per-position KL divergence over {old.positions} positions of a "
+                f"fixed text (sha256 {old.text_sha256[:12]}…), logits from one llama.cpp eval; perplexity was not "
+                f"measured; {where}.")
+    if q is None:
+        return "Perplexity and KLD: not measured (no quality figure is recorded for these files)."
+    method = {**METHODS, **{k: v for k, v in s.methods.items() if k in METHODS}}
+    return (f"Perplexity and KLD vs F16: `{cell(q.text)}` (sha256 {q.text_sha256[:12]}…, {q.text_tokens} tokens), "
+            f"{q.chunks} chunks of {q.ctx} tokens, {q.positions} positions scored, n_batch {q.n_batch}, n_ubatch "
+            f"{q.n_ubatch}, {q.n_seq} chunks per decode; KLD: {method['kld']}; PPL: {method['ppl']}; same top token: "
+            f"{method['top1']}; RMS Δp: {method['rms_dp']}; {where}.")
 
 
 def vram_line(s, where: str) -> str:
@@ -291,7 +353,7 @@ def _imatrix_line(m: Manifest) -> str:
     i = m.imatrix
     if not used or not i:
         return "Importance matrix: none was used for any file."
-    return (f"Importance matrix: computed with llama-imatrix ({i.tool}) from the F16 on "
+    return (f"Importance matrix: computed with {i.tool} from the F16 on "
             f"`{cell(i.text)}` (sha256 {i.text_sha256[:12]}…), used for {', '.join(used)}; "
             f"`imatrix.gguf` has sha256 {i.sha256[:12]}….")
 
@@ -343,10 +405,10 @@ def plot(manifest: Manifest, out: Path) -> Path | None:
     if quality:  # size against quality, one point per file: does a mix beat a plain quant of its size?
         ax = axes[0][-1]
         for a, q in quality:
-            ax.scatter(a.size / 2**20, q.kld_mean)
+            ax.errorbar(a.size / 2**20, q.kld_mean, yerr=q.kld_se or 0, fmt="o", capsize=3)
             ax.annotate(a.quant, (a.size / 2**20, q.kld_mean), fontsize=8)
         ax.set_xlabel("file size (MiB)")
-        ax.set_title("KLD vs F16 against file size")
+        ax.set_title("mean KLD vs F16 (± standard error) against file size")
     fig.suptitle(f"measured by moeprep, backend {s.backend}, {s.hardware.cpu}, N={s.settings.runs}", fontsize=9)
     fig.tight_layout()
     path = out / PLOT

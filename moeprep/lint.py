@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from . import manifest as mf
-from .card import COLUMNS, file_rows
+from .card import COLUMNS, QUALITY_COLUMNS, file_rows, quality_rows
 from .errors import MoeprepError
 from .files import sha256_file
 from .manifest import Manifest
@@ -54,6 +54,7 @@ def lint_text(text: str, path: Path, manifest: Manifest | None, check_files: boo
     else:
         problems += [f"manifest: {p}; convert again" for p in manifest.chain_problems()]
         problems += _figures(lines, manifest, path.parent, check_files)
+        problems += _quality(lines, manifest)
     return problems
 
 
@@ -95,16 +96,23 @@ def _links(lines: list[str], folder: Path) -> list[str]:
     return problems
 
 
-def _figures(lines: list[str], manifest: Manifest, folder: Path, check_files: bool) -> list[str]:
-    header = "| " + " | ".join(COLUMNS) + " |"
+def _table(lines: list[str], columns: list[str]) -> list[list[str]] | None:
+    """The rows of the table under the header moeprep writes for `columns`; None if there is no such table."""
+    header = "| " + " | ".join(columns) + " |"
     if header not in lines:
-        return ["file table: not found (its header must be the one moeprep writes)"]
-    start = lines.index(header) + 2
+        return None
     found = []
-    for line in lines[start:]:
+    for line in lines[lines.index(header) + 2:]:
         if not line.startswith("|"):
             break
         found.append(_cells(line))
+    return found
+
+
+def _figures(lines: list[str], manifest: Manifest, folder: Path, check_files: bool) -> list[str]:
+    found = _table(lines, COLUMNS)
+    if found is None:
+        return ["file table: not found (its header must be the one moeprep writes)"]
     listed = {row[0] for row in found}
     artifacts = [a for a in manifest.artifacts if any(p in listed for p, *_ in a.upload_files())]
     by_file = {row[0]: row for row in file_rows(manifest, artifacts)}
@@ -125,4 +133,24 @@ def _figures(lines: list[str], manifest: Manifest, folder: Path, check_files: bo
                 problems.append(f"file table: {row[0]} does not have the sha256 the card lists")
     if not found:
         problems.append("file table: no rows")
+    return problems
+
+
+def _quality(lines: list[str], manifest: Manifest) -> list[str]:
+    """The quality table: one row per file the card lists, every figure the manifest's."""
+    found = _table(lines, QUALITY_COLUMNS)
+    listed = _table(lines, COLUMNS) or []
+    artifacts = [a for a in manifest.artifacts if any(p in {row[0] for row in listed} for p, *_ in a.upload_files())]
+    want = quality_rows(manifest, artifacts)
+    if found is None:
+        measured = any((e := manifest.smoke_result(a)) and e.quality for a in artifacts)
+        return ["quality table: not found (its header must be the one moeprep writes)"] if measured else []
+    problems = []
+    if [row[0] for row in found] != [row[0] for row in want]:
+        problems.append(f"quality table: lists {', '.join(row[0] for row in found) or 'no file'}, the file table "
+                        f"{', '.join(row[0] for row in want) or 'none'}")
+    for got_row, want_row in zip(found, want):
+        for col, got, exp in zip(QUALITY_COLUMNS, got_row, want_row):
+            if got != exp:
+                problems.append(f"quality table: {want_row[0]}: {col} is {got!r}, the manifest says {exp!r}")
     return problems

@@ -88,10 +88,7 @@ def smoke_lines(report) -> list[str]:
     if run:
         lines.append(f"llama.cpp ran with {run.text()}")
     for name, r in report.artifacts.items():
-        q = r.quality
-        quality = ("KLD not measured" if not q else "non-finite logits" if not q.finite
-                   else f"KLD vs {q.reference} {q.kld_mean:.6f}, top-1 {q.top1_agreement:.3f}")
-        lines.append(f"{name}: {'ok' if r.ok else 'FAILED'}; {quality}")
+        lines.append(f"{name}: {'ok' if r.ok else 'FAILED'}; {quality_text(r.quality)}")
         for p in r.placements.values():
             need, own = p.gpu_mib(), p.vram_mib.process_peak if p.vram_mib else None
             vram = (f"GPU buffers {need:.0f} MiB" if need is not None else "VRAM not measured") + (
@@ -101,6 +98,20 @@ def smoke_lines(report) -> list[str]:
                          f"{len(p.overridden)} tensors overridden ({'= probe' if p.overrides_match_probe else 'MISMATCH'}); {vram}")
         lines += [f"  failure: {failure}" for failure in r.failures]
     return lines
+
+
+def quality_text(q) -> str:
+    """A file's quality in one line, as llama-perplexity --kl-divergence states it."""
+    if q is None:
+        return "quality not measured"
+    if not q.finite:
+        return "non-finite logits"
+    if not q.chunked:  # recorded before chunked evaluation
+        return f"KLD vs {q.reference} {q.kld_mean:.6f}, top-1 {q.top1_agreement:.3f} ({q.positions} positions)"
+    return (f"PPL {q.ppl:.4f} ± {q.ppl_se:.4f} (F16 {q.ppl_reference:.4f}); KLD vs {q.reference} {q.kld_mean:.6f} ± "
+            f"{q.kld_se:.6f}, median {q.kld_median:.6f}, 99% {q.kld_p99:.6f}, 99.9% {q.kld_p999:.6f}, max "
+            f"{q.kld_max:.6f}; same top {100 * q.top1_agreement:.2f} %; RMS Δp {100 * q.rms_dp:.3f} %; "
+            f"{q.chunks} chunks of {q.ctx} of {q.text}")
 
 
 def plan_lines(r) -> list[str]:
@@ -179,12 +190,26 @@ def demo_lines(done) -> list[str]:
     return lines
 
 
+def _build_lines(commit: str | None, build: dict, programs: dict) -> list[str]:
+    if not build:
+        return ["llama.cpp build: not made by scripts/setup (no moeprep-build.json beside libllama)"]
+    lines = [f"llama.cpp build: commit {build['llama_cpp_commit']}, backends {', '.join(build['backends']) or 'cpu'}"
+             + (f", CUDA architectures {build['cuda_architectures']}" if build.get("cuda_architectures") else "")
+             + f"; CMAKE_ARGS {' '.join(build['cmake_args']) or '(none)'}"]
+    base = (commit or "").removesuffix("-dirty")
+    for name, c in programs.items():
+        verdict = "missing or silent" if c is None else ("same build" if c == base else f"ANOTHER commit than libllama's {base}")
+        lines.append(f"  {name}: {c or '-'} ({verdict})")
+    return lines
+
+
 def doctor_lines(d) -> list[str]:
     t = d["tools"]
     lines = [f"llama.cpp {t['llama_cpp_commit']} via llama-cpp-python {t['llama_cpp_python']}; "
              f"backends: {', '.join(d['backends'])}; GPU offload {'yes' if t['gpu_offload'] else 'no'}"]
     lines += [f"  {x['name']}: {x['description']} ({x['type']}), {hb(x['memory_total'])} total, {hb(x['memory_free'])} free"
               for x in d["devices"]]
+    lines += _build_lines(t["llama_cpp_commit"], d["build"], d["programs"])
     lines.append(f"NVML: {d['nvml']}")
     hw = d["hardware"]
     lines += [f"  GPU {g.index}: {g.name}, {g.memory_total_mib:.0f} MiB, driver {g.driver}, CUDA {g.cuda}" for g in hw.gpus]

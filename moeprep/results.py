@@ -98,6 +98,7 @@ class PlacementResult:
     vram_mib: Vram | None
     failures: list[str] = field(default_factory=list)
     runtime: Runtime | None = None
+    greedy_text: str | None = None  # the greedy tokens as text, for the card's sample output
 
     def gpu_mib(self) -> float | None:
         """What the placement needs on the GPU as llama.cpp allocates it: model + KV + compute buffers (MiB)."""
@@ -119,19 +120,44 @@ class PlacementResult:
 
 @dataclass
 class Quality:
-    """The quant's next-token distributions against the F16's, over a fixed text."""
+    """A file's next-token distributions against the F16's over the evaluation text, scored as llama-perplexity
+    --kl-divergence scores them: the second half of each chunk of `ctx` tokens.
+
+    Records made before chunked evaluation (384 positions of one fixed text) have only the KLD figures,
+    top-1 and positions: every other field is None there.
+    """
 
     reference: str
     reference_sha256: str | None
     text_sha256: str
     finite: bool
     kld_mean: float | None = None
-    kld_sd: float | None = None
     kld_median: float | None = None
     kld_p99: float | None = None
     kld_max: float | None = None
-    top1_agreement: float | None = None
-    positions: int | None = None
+    top1_agreement: float | None = None  # llama-perplexity's "Same top p"
+    positions: int | None = None  # positions scored: chunks * (ctx - 1 - ctx/2)
+    text: str | None = None  # the evaluation text, by name
+    text_tokens: int | None = None  # its length in the model's tokens, BOS included
+    ctx: int | None = None  # tokens per chunk
+    chunks: int | None = None  # chunks scored
+    n_seq: int | None = None  # chunks decoded together, one sequence each (llama-perplexity's n_seq)
+    n_batch: int | None = None
+    n_ubatch: int | None = None
+    ppl: float | None = None  # this file's perplexity over the scored positions
+    ppl_se: float | None = None
+    ppl_reference: float | None = None  # the F16's, over the same positions
+    ppl_reference_se: float | None = None
+    kld_se: float | None = None  # standard error of kld_mean
+    kld_p999: float | None = None
+    top1_se: float | None = None
+    rms_dp: float | None = None  # RMS of the change in the next token's probability (llama-perplexity's "RMS Δp")
+    rms_dp_se: float | None = None
+
+    @property
+    def chunked(self) -> bool:
+        """Measured as llama-perplexity measures (not the earlier 384 positions of a fixed text)."""
+        return self.ctx is not None
 
 
 @dataclass
@@ -198,7 +224,8 @@ class Runtime:
 @dataclass
 class SmokeSettings:
     """What a smoke asks for. Defaults are llama-server's: threads = physical cores, flash attention
-    auto, n_batch 2048, n_ubatch 512; the context is small, since a smoke test is short."""
+    auto, n_batch 2048, n_ubatch 512; the context is small, since a smoke test is short. Quality is
+    measured with llama-perplexity's chunking of quality_ctx and its n_batch rules (quality.chunking)."""
 
     runs: int = 3
     ctx: int = 512
@@ -209,8 +236,10 @@ class SmokeSettings:
     n_ubatch: int = 512
     prompt: str = "A mixture of experts routes every token to a few of many feed-forward networks, so"
     warmup_runs: int = 1
-    quality_tokens: int = 384
+    quality_text: str = "eval-en.txt"  # the evaluation text, by name (moeprep's own unless --quality-text)
     quality_text_sha256: str = ""
+    quality_ctx: int = 512  # tokens per chunk, llama-perplexity's -c
+    quality_chunks: int = 0  # chunks scored; 0: every whole chunk of the text
     placements: list[str] = field(default_factory=lambda: ["gpu", "cpu-moe"])
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from . import gpu, quality
+from . import quality as _quality  # run() has a parameter named quality
 from . import manifest as mf
 from . import placement as placements_
 from .errors import MoeprepError
@@ -21,8 +24,8 @@ from .files import sha256_file
 from .outcome import Outcome, Status, quiet
 from .placement import Placement
 from .probe import expected_overrides, probe
-from .results import (Buffer, FileResult, Override, PlacementResult, Runtime, SmokeReport, SmokeSettings, Statistic,
-                      Tokens, Vram)
+from .results import (Buffer, FileResult, Override, PlacementResult, Quality, Runtime, SmokeReport, SmokeSettings,
+                      Statistic, Tokens, Vram)
 
 _OVERRIDE = re.compile(r"^tensor (\S+) \((\d+) MiB (\S+)\) buffer type overridden to (\S+)")
 _BUFFER = re.compile(r"^(\w+):\s+(\S+)\s+(model|KV|compute|output) buffer size =\s*([\d.]+) MiB")
@@ -90,6 +93,7 @@ def _open(path: Path, patterns: list[str], settings: SmokeSettings, *, n_ctx: in
 @dataclass
 class Generation:
     tokens: list[int]
+    text: str
     ttft_s: float | None
     decode_tps: float | None
     prompt_tps: float | None
@@ -119,6 +123,7 @@ def _generate(llm, prompt: list[int], n_new: int) -> Generation:
     perf = llama_cpp.llama_perf_context(ctx)
     return Generation(
         tokens=tokens,
+        text=llm.detokenize(tokens).decode("utf-8", errors="replace"),
         ttft_s=(first - start) if first else None,
         decode_tps=(len(tokens) - 1) / (last - first) if first and last and last > first else None,
         prompt_tps=perf.n_p_eval / (perf.t_p_eval_ms / 1000) if perf.t_p_eval_ms > 0 else None,
@@ -178,6 +183,7 @@ def run_placement(path: Path, placement: Placement, expected: list[str], setting
         prompt_tps=Statistic.of([g.prompt_tps for g in gens]),
         tokens=Tokens(n_prompt, counts),
         greedy_tokens=gens[0].tokens,
+        greedy_text=gens[0].text,
         vram_mib=Vram(METHODS["vram"], *(Statistic.of(readings[k]) for k in ("before", "after", "peak", "own_after",
                                                                             "own_peak"))) if nvml else None,
         failures=failures,
@@ -185,27 +191,149 @@ def run_placement(path: Path, placement: Placement, expected: list[str], setting
     )
 
 
-def logits(path: Path, tokens: list[int], settings: SmokeSettings):
-    """Next-token logits at every position of `tokens` (one llama.cpp eval with logits_all)."""
+@contextmanager
+def _eval_context(path: Path, settings: SmokeSettings, chunks: quality.Chunking) -> Iterator[tuple[object, object]]:
+    """(context, vocab) for `path` as llama-perplexity creates them for `chunks`: every layer offloaded, one
+    sequence per chunk decoded together, n_ctx = n_seq * ctx, its n_batch and n_ubatch, the smoke's threads and
+    flash attention, a sliding-window cache no larger than the window (common's default)."""
+    import llama_cpp as ll
+
+    from .libllama import FLASH_ATTN, capture_log
+
+    lines: list[str] = []
+    with capture_log(lambda level, text: lines.append(text)):
+        ll.llama_backend_init()
+        mp = ll.llama_model_default_params()
+        mp.n_gpu_layers = -1
+        model = ll.llama_model_load_from_file(str(path).encode(), mp)
+        if not model:
+            raise MoeprepError(f"llama.cpp could not load {path.name} to measure its quality: {_last_error(lines)}",
+                               "see `moeprep probe` for its layout")
+        try:
+            cp = ll.llama_context_default_params()
+            cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = chunks.n_ctx, chunks.n_batch, chunks.n_ubatch, chunks.n_seq
+            cp.n_threads = cp.n_threads_batch = settings.threads or gpu.physical_cores()
+            cp.flash_attn_type = FLASH_ATTN[settings.flash_attn]
+            cp.swa_full = False
+            ctx = ll.llama_init_from_model(model, cp)
+            if not ctx:
+                raise MoeprepError(f"llama.cpp could not make a context of {chunks.n_ctx} tokens for {path.name}: "
+                                   f"{_last_error(lines)}", "lower --quality-ctx or --batch")
+            try:
+                yield ctx, ll.llama_model_get_vocab(model)
+            finally:
+                ll.llama_free(ctx)
+        finally:
+            ll.llama_model_free(model)
+
+
+def _last_error(lines: list[str]) -> str:
+    found = [line.strip() for line in lines if "error" in line.lower() or "failed" in line.lower()]
+    return found[-1] if found else "no reason logged"
+
+
+def tokenize(vocab, data: bytes) -> list[int]:
+    """The text as llama-perplexity tokenizes it: common_tokenize(..., add_special=true, parse_special=false)."""
+    import llama_cpp as ll
+
+    n_max = len(data) + 16
+    buf = (ll.llama_token * n_max)()
+    n = ll.llama_tokenize(vocab, data, len(data), buf, n_max, True, False)
+    if n < 0:  # more tokens than room: -n is how many
+        n_max = -n
+        buf = (ll.llama_token * n_max)()
+        n = ll.llama_tokenize(vocab, data, len(data), buf, n_max, True, False)
+    return list(buf[:n])
+
+
+def chunk_logits(ctx, vocab, tokens: list[int], chunks: quality.Chunking, n_chunk: int) -> Iterator[object]:
+    """The logits llama-perplexity scores, one [scored, vocab] float32 array per chunk, in order. An array
+    may be a view of llama.cpp's own buffer: it is valid until the next one is asked for.
+
+    As perplexity() and kl_divergence() do: n_seq chunks per step from a cleared KV cache, each its own
+    sequence; the first token of each chunk replaced by BOS where the vocabulary adds one; outputs asked for
+    at positions from ctx/2 on; a chunk longer than n_batch takes several decodes.
+    """
+    import llama_cpp as ll
     import numpy as np
 
-    llm, _, _ = _open(path, [], settings, n_ctx=len(tokens) + 16, logits_all=True)
+    c = chunks
+    n_vocab = ll.llama_vocab_n_tokens(vocab)
+    bos = ll.llama_vocab_bos(vocab) if ll.llama_vocab_get_add_bos(vocab) else None
+    steps = -(-c.ctx // c.n_batch)
+    memory = ll.llama_get_memory(ctx)
+    batch = ll.llama_batch_init(c.n_batch, 0, c.n_seq)
     try:
-        llm.eval(tokens)
-        return np.array(llm.scores[: len(tokens)], dtype=np.float64)
+        for i in range(0, n_chunk, c.n_seq):
+            group = min(c.n_seq, n_chunk - i)
+            ll.llama_memory_clear(memory, True)
+            outputs: list[list] = [[] for _ in range(group)]
+            for j in range(steps):
+                begin = j * c.n_batch
+                size = min(c.ctx - begin, c.n_batch)
+                n = 0
+                for seq in range(group):
+                    start = (i + seq) * c.ctx + begin
+                    for k in range(size):
+                        batch.token[n] = bos if bos is not None and j == 0 and k == 0 else tokens[start + k]
+                        batch.pos[n] = begin + k
+                        batch.n_seq_id[n] = 1
+                        batch.seq_id[n][0] = seq
+                        batch.logits[n] = begin + k >= c.first
+                        n += 1
+                batch.n_tokens = n
+                if (rc := ll.llama_decode(ctx, batch)) != 0:
+                    raise MoeprepError(f"llama.cpp failed to decode chunk {i + 1} of the evaluation text (code {rc})",
+                                       "lower --quality-ctx or --batch")
+                wanted = max(0, begin + size - max(begin, c.first))  # outputs per sequence in this decode
+                if wanted:
+                    rows = np.ctypeslib.as_array(ll.llama_get_logits(ctx), shape=(group * wanted, n_vocab))
+                    for seq in range(group):  # one decode per chunk: no copy, the next decode comes later
+                        part = rows[seq * wanted:(seq + 1) * wanted]
+                        outputs[seq].append(part if steps == 1 else part.copy())
+            for seq in range(group):
+                yield (outputs[seq][0] if steps == 1 else np.concatenate(outputs[seq]))[: c.scored]
     finally:
-        llm.close()
+        ll.llama_batch_free(batch)
 
 
-def reference_for(path: Path, sha256: str | None, settings: SmokeSettings) -> quality.Reference:
-    """The F16's logits over the fixed text and its greedy output on the prompt."""
+def reference_for(path: Path, sha256: str | None, settings: SmokeSettings,
+                  text: quality.EvalText | None = None) -> quality.Reference:
+    """The F16 over the evaluation text (kept as llama-perplexity --kl-divergence-base keeps it) and its greedy
+    output on the prompt."""
+    import llama_cpp as ll
+
+    text = text or quality.eval_text()
+    chunks = quality.chunking(settings.quality_ctx, settings.n_batch, settings.n_ubatch)
+    with _eval_context(path, settings, chunks) as (ctx, vocab):
+        tokens = tokenize(vocab, text.data)
+        n_chunk = quality.n_chunks(len(tokens), chunks.ctx, settings.quality_chunks, text.name)
+        with closing(chunk_logits(ctx, vocab, tokens, chunks, n_chunk)) as logits:
+            ref = quality.build_reference(path.name, sha256, text, tokens, chunks, n_chunk,
+                                          ll.llama_vocab_n_tokens(vocab), logits)
+    ref.greedy_tokens = greedy(path, settings)
+    return ref
+
+
+def greedy(path: Path, settings: SmokeSettings) -> list[int]:
+    """Greedy output on the smoke prompt, every layer offloaded: what the collapse check compares."""
     llm, _, _ = _open(path, [], settings)
     try:
-        tokens = llm.tokenize(quality.TEXT.encode())[: settings.quality_tokens]
-        greedy = _generate(llm, llm.tokenize(settings.prompt.encode()), settings.new_tokens).tokens
+        return _generate(llm, llm.tokenize(settings.prompt.encode()), settings.new_tokens).tokens
     finally:
         llm.close()
-    return quality.Reference(path.name, sha256, tokens, logits(path, tokens, settings), greedy)
+
+
+def quality_of(path: Path, reference: quality.Reference, settings: SmokeSettings) -> Quality:
+    """`path` scored against the F16 over the reference's chunks, as llama-perplexity --kl-divergence does."""
+    import llama_cpp as ll
+
+    with _eval_context(path, settings, reference.chunking) as (ctx, vocab):
+        if (n_vocab := ll.llama_vocab_n_tokens(vocab)) != reference.n_vocab:
+            raise MoeprepError(f"{path.name} has a vocabulary of {n_vocab} tokens, the reference {reference.path} "
+                               f"{reference.n_vocab}", "compare files made from the same model")
+        with closing(chunk_logits(ctx, vocab, reference.tokens, reference.chunking, reference.chunks)) as logits:
+            return quality.compare(reference, logits)
 
 
 @dataclass
@@ -233,8 +361,11 @@ def smoke_file(target: Target, settings: SmokeSettings, nvml: gpu.Nvml | None,
             result.placements["gpu"].greedy_tokens, result.placements["cpu-moe"].greedy_tokens, ["gpu", "cpu-moe"])
 
     if reference is not None:
-        status(f"smoke {target.path.name}: KL divergence against {reference.path}")
-        result.quality = quality.compare(reference, logits(target.path, reference.tokens, settings))
+        same = target.sha256 is not None and target.sha256 == reference.sha256
+        status(f"smoke {target.path.name}: perplexity and KL divergence against {reference.path} over "
+               f"{reference.chunks} chunks of {reference.chunking.ctx} tokens of {reference.text.name}"
+               + (" (scored in the reference's own pass)" if same else ""))
+        result.quality = reference.own if same else quality_of(target.path, reference, settings)
         if not result.quality.finite:
             result.failures.append("NaN or inf in the logits")
         first = result.placements[names[0]].greedy_tokens
@@ -257,19 +388,21 @@ def _targets(target: Path, manifest: mf.Manifest | None) -> list[Target]:
 
 
 def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path | None = None,
-        only_stale: bool = False, status: Status = quiet) -> Outcome:
+        only_stale: bool = False, quality: bool = True, quality_text: Path | None = None,
+        status: Status = quiet) -> Outcome:
     """Smoke a GGUF file, or every artifact of an output directory (recording the results in its manifest).
 
     With `only_stale`, files whose recorded smoke measured these bytes with these settings are kept.
+    With `quality` off, no reference is loaded (a staged release measures quality in prepare: kld.py).
+    Quality is measured on `quality_text` (moeprep's own evaluation text if None); the settings record
+    its name and sha256.
     The outcome's `result` is the SmokeReport of what was measured now (None if nothing was).
     """
     target = Path(target)
     from .libllama import backends, devices
     from .tools import versions
 
-    settings = settings or SmokeSettings()
-    settings = replace(settings, threads=settings.threads or gpu.physical_cores(),
-                       quality_text_sha256=quality.TEXT_SHA256)
+    settings, text = resolved(settings or SmokeSettings(), quality_text)
     for name in settings.placements:
         placements_.parse(name)
     out = target if target.is_dir() else target.parent
@@ -288,7 +421,7 @@ def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path 
     blocks = probe(targets[0].path, n_values=[]).block_count  # N of n-cpu-moe=N is bounded before any work
     for name in settings.placements:
         placements_.parse(name, blocks)
-    if reference is None and manifest is not None and manifest.base is not None:
+    if reference is None and quality and manifest is not None and manifest.base is not None:
         reference = out / manifest.base.path
 
     nvml, nvml_status = gpu.nvml()
@@ -297,7 +430,7 @@ def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path 
     if reference is not None:
         status(f"reference: {reference.name}")
         known = manifest.artifact_at(reference.name) if manifest else None
-        ref = reference_for(reference, known.sha256 if known else None, settings)
+        ref = reference_for(reference, known.sha256 if known else None, settings, text)
     report = SmokeReport(
         measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         backend="+".join(backend),
@@ -315,6 +448,13 @@ def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path 
         mf.save(out, manifest)
     outcome.result = report
     return outcome
+
+
+def resolved(settings: SmokeSettings, quality_text: Path | None = None) -> tuple[SmokeSettings, _quality.EvalText]:
+    """The settings as recorded (threads resolved; the evaluation text's name and sha256) and the text itself."""
+    text = _quality.eval_text(quality_text)
+    return replace(settings, threads=settings.threads or gpu.physical_cores(), quality_text=text.name,
+                   quality_text_sha256=text.sha256), text
 
 
 def _check_unchanged(target: Target) -> None:

@@ -28,9 +28,9 @@ def front_matter(text: str) -> dict:
     return yaml.safe_load(text[4:text.index("\n---\n", 4)])
 
 
-def table(text: str) -> dict[str, list[str]]:
+def table(text: str, columns: list[str] = card.COLUMNS) -> dict[str, list[str]]:
     lines = text.splitlines()
-    start = lines.index("| " + " | ".join(card.COLUMNS) + " |") + 2
+    start = lines.index("| " + " | ".join(columns) + " |") + 2
     rows = {}
     for line in lines[start:]:
         if not line.startswith("|"):
@@ -65,7 +65,11 @@ def test_card_acceptance_front_matter_and_file_table(fresh):
     assert list(rows) == [a.path for a in m.artifacts]
     for a in m.artifacts:
         assert rows[a.path][3] == a.sha256 == sha256(fresh / a.path)
-        assert rows[a.path][4:] == ["not measured"] * 7  # no smoke recorded for this copy
+        assert rows[a.path][4:] == ["not measured"] * 5  # no smoke recorded for this copy
+    quality = table(text, card.QUALITY_COLUMNS)
+    assert list(quality) == [a.quant for a in m.artifacts]
+    for a in m.artifacts:
+        assert quality[a.quant][1] == rows[a.path][2] and quality[a.quant][2:] == ["not measured"] * 9
     assert "Speed, VRAM and KLD: not measured" in text
     assert "## Offload plan (predicted, not measured)" in text and "the compute buffer: PREDICTED by llama.cpp" in text
     assert "## Which file fits your GPU (predicted, not measured)" in text
@@ -85,7 +89,6 @@ def test_card_with_smoke_data_shows_measured_figures_and_plot(smoked, tmp_path):
         s = m.smoke.artifacts[a.path]
         tps = s.placements["gpu"].decode_tps
         assert rows[a.path][6] == f"{tps.mean:.1f} ± {tps.sd:.1f}"
-        assert rows[a.path][9] == f"{s.quality.kld_mean:.6f}"
         need = s.placements["gpu"].gpu_mib()
         # VRAM is llama.cpp's GPU buffers where there is a GPU, and never estimated where there is none
         assert rows[a.path][4] == (f"{need:.0f}" if need is not None else "not measured")
@@ -96,6 +99,78 @@ def test_card_with_smoke_data_shows_measured_figures_and_plot(smoked, tmp_path):
         "VRAM: not measured: the smoke ran without a GPU" in text)
     assert "llama.cpp ran with threads" in text and "flash attention auto (on)" in text and "n_ubatch 512" in text
     assert "hf download me/tiny-phimoe-GGUF tiny-phimoe-Q4_K_M.gguf" in text
+    assert lint(out / "README.md") == []
+
+
+def test_card_sample_output_is_each_files_recorded_greedy_text(smoked, tmp_path):
+    """The generated text in the card is smoke's, file by file, decoded from the tokens it recorded."""
+    from llama_cpp import Llama
+
+    src, _ = smoked
+    out = tmp_path / "samples"
+    shutil.copytree(src, out)
+    m = mf.load(out)
+    assert run("card", out, "--repo-id", "me/tiny-phimoe-GGUF").exit_code == 0
+    text = (out / "README.md").read_text()
+    assert "## Sample output" in text and m.smoke.settings.prompt in text
+    for a in m.artifacts:
+        gpu = m.smoke.artifacts[a.path].placements["gpu"]
+        llm = Llama(str(out / a.path), n_ctx=64, vocab_only=True, verbose=False)
+        decoded = llm.detokenize(gpu.greedy_tokens).decode("utf-8", errors="replace")
+        assert gpu.greedy_text == decoded and decoded.strip()
+        shown = card.cell(decoded).replace("[", "\\[")  # escaped for a table cell, as every cell is
+        assert f"| `{a.path}` | `gpu` | {shown} |" in text
+
+
+def test_card_shows_size_and_quality_side_by_side(smoked, tmp_path):
+    """One row per file: its size, perplexity beside the F16's, KLD ± standard error and percentiles, same top
+    token and RMS Δp, each the manifest's figure; the method line names the text and its chunking."""
+    src, _ = smoked
+    out = tmp_path / "quality"
+    shutil.copytree(src, out)
+    assert run("card", out, "--repo-id", "me/tiny-phimoe-GGUF").exit_code == 0
+    text = (out / "README.md").read_text()
+    m = mf.load(out)
+    rows = table(text, card.QUALITY_COLUMNS)
+    f16 = m.smoke.artifacts["tiny-phimoe-F16.gguf"].quality
+    for a in m.artifacts:
+        q = m.smoke.artifacts[a.path].quality
+        assert rows[a.quant] == [
+            a.quant, table(text)[a.path][2], f"{q.ppl:.4f} ± {q.ppl_se:.4f}", f"{f16.ppl:.4f} ± {f16.ppl_se:.4f}",
+            f"{q.kld_mean:.6f} ± {q.kld_se:.6f}", f"{q.kld_median:.6f}", f"{q.kld_p99:.6f}", f"{q.kld_p999:.6f}",
+            f"{q.kld_max:.6f}", f"{100 * q.top1_agreement:.2f} ± {100 * q.top1_se:.2f} %",
+            f"{100 * q.rms_dp:.3f} ± {100 * q.rms_dp_se:.3f} %"]
+    assert float(rows["Q2_K"][4].split()[0]) > float(rows["Q8_0"][4].split()[0])
+    assert (f"Perplexity and KLD vs F16: `eval-en.txt` (sha256 {f16.text_sha256[:12]}…, {f16.text_tokens} tokens), "
+            f"2 chunks of 128 tokens, 126 positions scored, n_batch 2048, n_ubatch 512, 16 chunks per decode") in text
+    assert "llama-perplexity's --kl-divergence" in text
+
+
+def test_card_of_a_manifest_with_the_earlier_quality_record(smoked, tmp_path):
+    """A format-2 manifest whose quality was 384 positions of one fixed text (no perplexity, no chunks) still
+    loads, and its card says what was measured and shows nothing it lacks."""
+    src, _ = smoked
+    out = tmp_path / "earlier"
+    shutil.copytree(src, out)
+    data = json.loads((out / "manifest.json").read_text())
+    keep = ("reference", "reference_sha256", "text_sha256", "finite", "kld_mean", "kld_median", "kld_p99", "kld_max",
+            "top1_agreement")
+    for entry in data["smoke"]["artifacts"].values():
+        entry["quality"] = {k: entry["quality"][k] for k in keep} | {"kld_sd": 0.001, "positions": 384}
+    settings = data["smoke"]["settings"]
+    for key in ("quality_text", "quality_ctx", "quality_chunks"):
+        del settings[key]
+    settings["quality_tokens"] = 384
+    (out / "manifest.json").write_text(json.dumps(data))
+    m = mf.load(out)
+    q = m.smoke.artifacts["tiny-phimoe-Q4_K_M.gguf"].quality
+    assert not q.chunked and q.positions == 384 and q.ppl is None and q.kld_mean == data["smoke"]["artifacts"][
+        "tiny-phimoe-Q4_K_M.gguf"]["quality"]["kld_mean"]
+    assert run("card", out, "--repo-id", "me/tiny-phimoe-GGUF").exit_code == 0
+    text = (out / "README.md").read_text()
+    row = table(text, card.QUALITY_COLUMNS)["Q4_K_M"]
+    assert row[2:5] == ["not measured", "not measured", f"{q.kld_mean:.6f}"] and row[7] == "not measured"
+    assert "over 384 positions of a fixed text" in text and "perplexity was not measured" in text
     assert lint(out / "README.md") == []
 
 
@@ -170,6 +245,8 @@ def edit(path: Path, old: str, new: str, count: int = 1) -> None:
     ("unrendered", "unrendered template syntax"),
     ("empty_cell", "empty table cell"),
     ("figure", "Size is"),
+    ("quality", "quality table: Q8_0: PPL is '5.1234', the manifest says 'not measured'"),
+    ("quality_row", "quality table: lists F16, Q8_0, Q4_K_M, the file table F16, Q8_0, Q4_K_M, Q2_K"),
     ("sha", "does not have the sha256 the card lists"),
     ("missing_file", "does not exist beside the card"),
     ("relative_link", "relative link '../tiny-phimoe-Q2_K-GGUF'"),
@@ -187,6 +264,12 @@ def test_card_lint_catches(defect, expect, good_card):
         edit(good_card, "| Layers | 2 (0 leading dense) |", "| Layers |  |")
     elif defect == "figure":
         edit(good_card, "| Q8_0 | 13.48 MiB |", "| Q8_0 | 13.50 MiB |")
+    elif defect == "quality":
+        edit(good_card, "| Q8_0 | 13.48 MiB | not measured |", "| Q8_0 | 13.48 MiB | 5.1234 |")
+    elif defect == "quality_row":
+        text = good_card.read_text()
+        row = next(line for line in text.splitlines() if line.startswith("| Q2_K | "))
+        edit(good_card, row + "\n", "")
     elif defect == "sha":
         with open(out / "tiny-phimoe-Q2_K.gguf", "r+b") as f:
             f.seek(1000)

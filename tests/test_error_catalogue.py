@@ -157,7 +157,8 @@ def test_error_catalogue_full_disk_while_smoke_writes_the_manifest(converted_phi
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(moeprep.files.os, "fsync", full)
-    result = CliRunner().invoke(main, ["smoke", str(d), "--runs", "1", "--tokens", "2", "--placement", "gpu"])
+    result = CliRunner().invoke(main, ["smoke", str(d), "--runs", "1", "--tokens", "2", "--placement", "gpu",
+                                       "--quality-ctx", "128", "--quality-chunks", "2"])
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1].startswith(f"Error: the disk filled up while writing {d}/manifest.json")
     assert "Traceback" not in result.output

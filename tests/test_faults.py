@@ -442,7 +442,7 @@ def test_fault_two_converts_at_once_one_refuses(converted_phimoe, hub, tmp_path)
 
 def test_fault_convert_while_a_release_writes_the_directory(converted_phimoe, hub, tmp_path):
     out = f16_only(converted_phimoe, tmp_path / "out")
-    release = spawn("release", TINY, "--stages", "prepare", "--out", out)
+    release = spawn("release", TINY, "--stages", "download,convert,quantize,probe", "--out", out)  # no Hub write
     assert wait_until(lambda: lock_holder(out).startswith(f"pid {release.pid} (release") or release.poll() is not None,
                       60) and release.poll() is None, f"the release never held the lock:\n{release.stderr}"
     convert = ("convert", HUB_SOURCE, "--out", out, "--quant", "Q8_0", "--quant", "Q4_K_M", "--quant", "Q2_K")
@@ -669,7 +669,8 @@ def test_fault_sigkill_mid_upload_then_rerun_finishes(hub, converted, write_toke
 
 
 def test_fault_sigkill_mid_smoke_then_rerun_finishes(converted):
-    cmd = ("smoke", converted, "--placement", "cpu-moe", "--runs", "1", "--tokens", "4", "--ctx", "128")
+    cmd = ("smoke", converted, "--placement", "cpu-moe", "--runs", "1", "--tokens", "4", "--ctx", "128",
+           "--quality-ctx", "128", "--quality-chunks", "2")
     proc = spawn(*cmd)
     killed(proc, lambda: "smoke tiny-phimoe-Q4_K_M.gguf" in proc.stderr, "the third file was being smoked")
     assert problems(converted, source=HUB_SOURCE) == []

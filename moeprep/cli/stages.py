@@ -158,29 +158,39 @@ def probe(file: Path, all_n: bool, as_json: bool) -> None:
 @click.option("--ubatch", "n_ubatch", type=click.IntRange(1), default=512, show_default=True,
               help="Physical batch size (llama-server's --ubatch-size).")
 @click.option("--reference", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="F16 file for KL divergence. [default: the manifest's converted file]")
+              help="F16 file for perplexity and KL divergence. [default: the manifest's converted file]")
+@click.option("--quality-text", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Text to measure quality on. [default: moeprep's own eval-en.txt]")
+@click.option("--quality-ctx", type=click.IntRange(16), default=512, show_default=True,
+              help="Tokens per chunk of the text, as llama-perplexity's -c; the second half of each is scored.")
+@click.option("--quality-chunks", type=click.IntRange(0), default=0, show_default=True,
+              help="Chunks to score, as llama-perplexity's --chunks (0: every whole chunk of the text).")
 @json_option
-def smoke(target, placements, runs, ctx, new_tokens, threads, flash_attn, n_batch, n_ubatch, reference, as_json) -> None:
+def smoke(target, placements, runs, ctx, new_tokens, threads, flash_attn, n_batch, n_ubatch, reference, quality_text,
+          quality_ctx, quality_chunks, as_json) -> None:
     """Load every GGUF with llama.cpp in each placement; measure speed, memory and quality.
 
     TARGET is a GGUF file or an output directory with a manifest; results go into the manifest.
     Placements: gpu (every layer offloaded), cpu-moe (llama.cpp's --cpu-moe: expert tensors in CPU
-    memory), n-cpu-moe=N (the experts of the first N blocks). Exit code 1 if any file fails.
+    memory), n-cpu-moe=N (the experts of the first N blocks). Quality: perplexity and KL divergence
+    against the F16, over the text in chunks as llama-perplexity --kl-divergence scores them (--batch
+    and --ubatch as it uses them). Exit code 1 if any file fails.
 
     \b
     Example:
       moeprep smoke Phi-3.5-MoE-instruct-GGUF --placement gpu --placement n-cpu-moe=8 --json
+      moeprep smoke Phi-3.5-MoE-instruct-GGUF --quality-ctx 512 --quality-chunks 8
     """
     from .. import placement
     from .. import smoke as stage
     from ..results import SmokeSettings
 
     settings = SmokeSettings(runs=runs, ctx=ctx, new_tokens=new_tokens, threads=threads, flash_attn=flash_attn,
-                             n_batch=n_batch, n_ubatch=n_ubatch)
+                             n_batch=n_batch, n_ubatch=n_ubatch, quality_ctx=quality_ctx, quality_chunks=quality_chunks)
     if placements:
         settings.placements = [placement.parse(p).name for p in placements]
     with writing(target if target.is_dir() else target.parent, f"smoke {target}"):
-        report = stage.run(target, settings, reference=reference, status=status).result
+        report = stage.run(target, settings, reference=reference, quality_text=quality_text, status=status).result
     emit(report, as_json, output.smoke_lines)
     if report and (failed := report.failed()):
         name, reasons = next(iter(failed.items()))
@@ -255,9 +265,10 @@ def doctor(as_json: bool) -> None:
 def demo(out: Path, kind: str, runs: int, as_json: bool) -> None:
     """Run the whole job on a tiny MoE model generated here (no network, no push).
 
-    It builds a random-weight checkpoint whose config mirrors Phi-3.5-MoE (16 experts, top-2,
-    longrope, biases), then converts, quantizes, probes, smokes, plans and writes the card
-    (a local draft: it names no base model, so push refuses it).
+    It trains a tiny checkpoint whose config mirrors Phi-3.5-MoE (16 experts, top-2, longrope,
+    biases) on the shipped calibration text (under a minute on 2 cores, once: it is cached in
+    ~/.cache/moeprep/demo, or $MOEPREP_CACHE), then converts, quantizes, probes, smokes, plans and
+    writes the card (a local draft: it names no base model, so push refuses it).
 
     \b
     Example:
