@@ -2,8 +2,9 @@
 
 Each config.json copies the real model's (the exact `architectures` string, rope scaling, biases) at
 small width. Widths are multiples of 256 so the K-quants really apply. The tokenizer is a
-sentencepiece model trained here on a built-in text: nothing is downloaded. The same checkpoints are
-the tests' fixtures.
+sentencepiece model trained here: nothing is downloaded. `build` writes random weights, fast: those
+are the tests' fixtures. The demo itself runs on the same model trained briefly on the calibration
+text (moeprep/train.py), so its generated text and quality figures mean something.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ if TYPE_CHECKING:
 KINDS = ("phimoe", "mixtral", "llama")
 
 
-def _tokenizer(folder: Path, vocab_size: int = 512) -> int:
+def _tokenizer(folder: Path, vocab_size: int = 512, lines: list[str] | None = None) -> int:
+    """Train a BPE sentencepiece model on `lines` (default: the built-in text) and write it with its config."""
     import sentencepiece as spm
 
     model = io.BytesIO()
-    lines = [line for line in TEXT.splitlines() if line.strip()] * 4
+    if lines is None:
+        lines = [line for line in TEXT.splitlines() if line.strip()] * 4
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
         model_writer=model,
@@ -133,7 +136,8 @@ class DemoRun:
 
 
 def run(kind: str, out: Path, *, runs: int = 3, status=lambda line: None) -> DemoRun:
-    """Build the checkpoint, then convert, quantize, probe, smoke, plan and write the card (a local draft)."""
+    """Train the checkpoint (or take it from the cache), then convert, quantize, probe, smoke, plan and write
+    the card (a local draft)."""
     from . import card, smoke
     from . import manifest as mf
     from .errors import MoeprepError
@@ -142,11 +146,13 @@ def run(kind: str, out: Path, *, runs: int = 3, status=lambda line: None) -> Dem
     from .plan import plan_file
     from .results import SmokeSettings
 
-    source = checkpoint(kind, out, status)
-    folder = Path(out) / f"{source.name}-GGUF"
+    folder = Path(out) / f"tiny-{kind}-GGUF"
     with locked(folder, "demo"):
+        source = checkpoint(kind, out, status)
         converted = prepare(str(source), out=folder, status=status)
-        smoked = smoke.run(folder, SmokeSettings(runs=runs), only_stale=True, status=status)
+        # 8 chunks of 512 (2,040 scored tokens) of the evaluation text: the whole text would add minutes
+        smoked = smoke.run(folder, SmokeSettings(runs=runs, quality_ctx=512, quality_chunks=8), only_stale=True,
+                           status=status)
         if smoked.result and (failed := smoked.result.failed()):
             name, reasons = next(iter(failed.items()))
             raise MoeprepError(f"the demo's smoke failed for {name}: {reasons[0]}", "report this as a moeprep bug")
@@ -156,25 +162,42 @@ def run(kind: str, out: Path, *, runs: int = 3, status=lambda line: None) -> Dem
 
 
 def checkpoint(kind: str, out: Path, status=lambda line: None) -> Path:
-    """The demo's tiny checkpoint under `out`, built once."""
+    """The demo's trained checkpoint, copied from the cache to `out/tiny-<kind>` unless that copy is current."""
+    from .train import replace_folder, trained
+
+    model = trained(kind, status=status)
     source = Path(out) / f"tiny-{kind}"
-    if not (source / "config.json").exists():
-        status(f"building a tiny {kind} checkpoint in {source}")
-        build(kind, source)
+    if model.key != _trained_key(source):
+        status(f"copying the trained tiny {kind} from {model.path} to {source}")
+        replace_folder(model.path, source)
     return source
 
 
-def build(kind: str, folder: Path, seed: int = 0) -> Path:
-    """Write a tiny `kind` checkpoint into `folder`, sharded in two like real releases."""
-    from safetensors.torch import save_file
+def _trained_key(folder: Path) -> str | None:
+    from .train import RECORD
 
+    try:
+        return json.loads((folder / RECORD).read_text(encoding="utf-8"))["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def build(kind: str, folder: Path, seed: int = 0) -> Path:
+    """Write a tiny random-weight `kind` checkpoint into `folder`, sharded in two like real releases."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = _tokenizer(folder)
-    config = _config(kind, vocab)
+    config = _config(kind, _tokenizer(folder))
+    readme = f"A tiny random-weight {config['architectures'][0]} made by moeprep for tests."
+    return write(folder, kind, config, _tensors(config, seed), readme)
+
+
+def write(folder: Path, kind: str, config: dict, tensors: dict, readme: str) -> Path:
+    """Write config, generation config, `tensors` in two safetensors shards with their index, and a README
+    into `folder`, which already holds the tokenizer."""
+    from safetensors.torch import save_file
+
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    tensors = _tensors(config, seed)
     names = list(tensors)
     shards = [names[: len(names) // 2], names[len(names) // 2:]]
     weight_map = {}
@@ -187,5 +210,5 @@ def build(kind: str, folder: Path, seed: int = 0) -> Path:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (folder / "README.md").write_text(
         f"---\nlicense: mit\npipeline_tag: text-generation\nlanguage:\n- en\n---\n\n"
-        f"# tiny-{kind}\n\nA tiny random-weight {config['architectures'][0]} made by moeprep for tests.\n")
+        f"# tiny-{kind}\n\n{readme}\n")
     return folder

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 from click.testing import CliRunner
 
 from moeprep import manifest as mf
@@ -77,6 +78,16 @@ def test_cli_demo_runs_the_main_job(tmp_path):
     text = card.read_text()
     assert "decode tok/s" in text and "![Decode speed" in text and "a local model (tiny-phimoe, not on the Hub)" in text
     assert set(lint(card)) == {"front matter: missing base_model", "front matter: missing base_model_relation"}
+    # the demo's model is trained (tests/test_demo.py): it writes the calibration text's words, and its quants order
+    smoke = data["manifest"]["smoke"]["artifacts"]
+    kld = {name: smoke[f"tiny-phimoe-{name}.gguf"]["quality"]["kld_mean"] for name in ("Q8_0", "Q4_K_M", "Q2_K")}
+    assert kld["Q8_0"] < kld["Q4_K_M"] < kld["Q2_K"], kld
+    greedy = smoke["tiny-phimoe-F16.gguf"]["placements"]["gpu"]["greedy_tokens"]
+    tokenizer = spm.SentencePieceProcessor(model_file=str(tmp_path / "tiny-phimoe" / "tokenizer.model"))
+    words = tokenizer.decode(greedy).split()
+    known = set((Path(__file__).parent.parent / "recipes" / "calibration" / "general-en.txt").read_text().split())
+    assert len(words) >= 10 and len(set(words)) > len(words) // 2, words  # text, not a loop
+    assert sum(w in known for w in words) >= 0.7 * len(words), words
 
 
 def test_cli_manifest_round_trips_and_rejects_other_formats(converted_phimoe, tmp_path):

@@ -82,6 +82,15 @@ def test_package_fresh_venv_imports_the_wheel(fresh, tmp_path):
     assert template.is_relative_to(fresh.resolve()) and template.is_file()
 
 
+def test_package_wheel_ships_the_calibration_text(wheel, fresh, tmp_path):
+    """The demo trains its model on it, so an installed moeprep must find it without a checkout."""
+    with zipfile.ZipFile(wheel) as z:
+        shipped = z.read("moeprep/calibration/general-en.txt")
+    assert shipped == (ROOT / "recipes" / "calibration" / "general-en.txt").read_bytes()
+    out = _run(fresh / "bin" / "python", "-c", "import moeprep.assets as a; print(a.calibration())", cwd=tmp_path)
+    assert Path(out.stdout.strip()).resolve().is_relative_to(fresh.resolve())
+
+
 def test_help_from_a_wheel_install(fresh, tmp_path):
     result = _run(fresh / "bin" / "moeprep", "--help", cwd=tmp_path)
     assert "card" in result.stdout
