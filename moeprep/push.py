@@ -52,7 +52,7 @@ class PushResult:
         return sum(1 for r in self.repos for i in r.items if i.action == "upload")
 
 
-def _remote(repo_id: str, revision: str | None) -> dict[str, str]:
+def remote_files(repo_id: str, revision: str | None) -> dict[str, str]:
     """path -> sha256 (LFS files) or git blob id (small files) of what the repo holds now."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
@@ -66,7 +66,7 @@ def _remote(repo_id: str, revision: str | None) -> dict[str, str]:
         raise hub.error(e, repo_id, revision=revision) from e
 
 
-def _items(out: Path, files: list[tuple[Path, str, str | None]], remote: dict[str, str]) -> list[Item]:
+def items(out: Path, files: list[tuple[Path, str, str | None]], remote: dict[str, str]) -> list[Item]:
     items = []
     for local, path_in_repo, sha in files:
         have = remote.get(path_in_repo)
@@ -77,7 +77,7 @@ def _items(out: Path, files: list[tuple[Path, str, str | None]], remote: dict[st
     return items
 
 
-def _token_check(dry_run: bool) -> None:
+def token_check(dry_run: bool = False) -> None:
     from huggingface_hub import HfApi, get_token
 
     if get_token() is None:
@@ -100,7 +100,7 @@ def push(out: Path, repo_id: str, *, layout: str = "single", revision: str | Non
     m = mf.load(out)
     if not m.artifacts:
         raise MoeprepError(f"the manifest in {out} lists no artifacts", "run `moeprep convert` first")
-    _token_check(dry_run)
+    token_check(dry_run)
     result = PushResult(dry_run, [])
     outcome = Outcome("push", result=result)
     render = f"`moeprep card {out} --repo-id {repo_id}" + (f" --layout {layout}`" if layout != "single" else "`")
@@ -114,7 +114,7 @@ def push(out: Path, repo_id: str, *, layout: str = "single", revision: str | Non
         for a in repo.artifacts:
             files += [(out / p, p, sha) for p, _, sha, _ in a.upload_files()]
         pushed = RepoPush(repo.repo_id, f"{constants.ENDPOINT}/{repo.repo_id}",
-                          _items(out, files, _remote(repo.repo_id, revision)))
+                          items(out, files, remote_files(repo.repo_id, revision)))
         if not card.is_file():  # a dry run before the card is written: say it would go too
             pushed.items.insert(0, Item(repo.card, "README.md", 0, "upload (once `moeprep card` wrote it)"))
         result.repos.append(pushed)
@@ -150,7 +150,21 @@ def _mentions(text: str, repo_id: str) -> bool:
 
 
 def _commit(repo_id: str, revision: str | None, private: bool, todo, m: mf.Manifest, status: Status) -> str:
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd
+
+    status(f"{repo_id}: uploading {len(todo)} files in one commit")
+    return commit(repo_id, [CommitOperationAdd(path_in_repo=i.path_in_repo, path_or_fileobj=str(f[0])) for f, i in todo],
+                  f"moeprep: {m.model} GGUF ({', '.join(sorted({a.quant for a in m.artifacts}))})",
+                  revision=revision, private=private)
+
+
+def commit(repo_id: str, operations: list, message: str, *, revision: str | None = None, private: bool = False) -> str:
+    """One commit of `operations` (huggingface_hub's CommitOperation*), creating the repo and branch if missing.
+
+    LFS objects the Hub already holds are not sent again (its LFS batch answer says so), so a rerun of an
+    interrupted commit continues. Returns the commit's sha.
+    """
+    from huggingface_hub import HfApi
     from huggingface_hub.utils import disable_progress_bars
 
     from . import progress
@@ -160,15 +174,9 @@ def _commit(repo_id: str, revision: str | None, private: bool, todo, m: mf.Manif
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision:
+        if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        status(f"{repo_id}: uploading {len(todo)} files in one commit")
-        info = api.create_commit(
-            repo_id,
-            operations=[CommitOperationAdd(path_in_repo=i.path_in_repo, path_or_fileobj=str(f[0])) for f, i in todo],
-            commit_message=f"moeprep: {m.model} GGUF ({', '.join(sorted({a.quant for a in m.artifacts}))})",
-            revision=revision,
-        )
+        info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision)
     except Exception as e:
         raise hub.error(e, repo_id, writing=True) from e
     return info.oid

@@ -29,6 +29,7 @@ BITS_PER_WEIGHT = {
     "Q5_1": 6, "Q5_0": 5.5, "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_1": 5, "Q4_0": 4.5, "IQ4_XS": 4.3,
     "IQ4_NL": 4.5, "MXFP4_MOE": 4.3, "Q3_K_L": 4.3, "Q3_K_M": 3.9, "Q3_K_S": 3.5, "IQ3_M": 3.7,
     "IQ3_S": 3.5, "IQ3_XS": 3.3, "IQ3_XXS": 3.1, "Q2_K": 3.0, "IQ2_M": 2.7,
+    "IQ2_S": 2.5, "IQ2_XS": 2.31, "IQ2_XXS": 2.06, "IQ1_M": 1.75, "IQ1_S": 1.56,  # llama.cpp quantize help
 }
 
 

@@ -6,6 +6,7 @@ silently using a default, and a bad size, placement or quant name fails now inst
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
@@ -82,6 +83,13 @@ class Section(BaseModel):
 class Source(Section):
     repo: RepoId
     revision: str = "main"
+    # The weights' total as the Hub lists it, e.g. "93.4GB": what `moeprep matrix` sizes each job's disk and time
+    # from, without asking the Hub. The download stage says so when the real total differs by more than 5 %.
+    size: Size | None = None
+
+    @property
+    def size_bytes(self) -> int | None:
+        return parse_size(self.size) if self.size else None
 
 
 class Imatrix(Section):
@@ -96,6 +104,18 @@ class Smoke(Section):
     ctx: int = Field(4096, ge=64)  # the same bounds as `moeprep smoke`
     runs: int = Field(3, ge=1)
     tokens: int = Field(64, ge=2)  # decode speed needs two tokens: it is timed from the first
+    # KL divergence chunks of the evaluation text (0: all of it). A release measures quality on the prepare
+    # runner's CPU, once per file: fewer chunks bound that time for an 80 GB model.
+    quality_chunks: int = Field(0, ge=0)
+
+
+def _branch(name: str) -> str:
+    if name == "main" or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name.endswith(".lock"):
+        raise MoeprepError(f"{name!r} cannot be the staging branch", "name a branch other than main: letters, digits, . _ -")
+    return name
+
+
+Branch = Annotated[str, AfterValidator(_checked(_branch))]
 
 
 class Hub(Section):
@@ -103,6 +123,9 @@ class Hub(Section):
     layout: Literal["single", "per-quant"] = "single"
     max_shard: Size = "50GB"
     private: bool = False
+    # The branch of repo_id where scheduled jobs meet: prepare pushes the GGUFs there, each smoke job adds its
+    # result, publish promotes it to main in one commit (see staging.py).
+    staging: Branch = "moeprep-staging"
 
     @property
     def max_shard_bytes(self) -> int:

