@@ -75,6 +75,9 @@ def quality_rows(manifest: Manifest, artifacts: list[mf.Artifact]) -> list[list[
         label = a.upload_files()[0][3].removesuffix(f" (1/{len(a.shards)})") if a.shards else a.upload_files()[0][3]
         if q is None or not q.finite:
             cells = [NOT_MEASURED if q is None else "non-finite logits"] * (len(QUALITY_COLUMNS) - 2)
+        elif q.reference_sha256 == a.sha256:  # the reference against itself: its perplexity, and nothing to compare
+            cells = [figure(q.ppl, 4, q.ppl_se), figure(q.ppl_reference, 4, q.ppl_reference_se)] + \
+                    ["the reference"] * (len(QUALITY_COLUMNS) - 4)
         else:
             cells = [figure(q.ppl, 4, q.ppl_se), figure(q.ppl_reference, 4, q.ppl_reference_se),
                      figure(q.kld_mean, 6, q.kld_se), figure(q.kld_median, 6), figure(q.kld_p99, 6),
