@@ -198,11 +198,11 @@ def _prepared_on_staging(run: Run) -> str | None:
         return None  # local work exists: the stages themselves decide what is up to date
     r = run.recipe
     snap = download_stage.resolve(r.source.repo, r.source.revision)
-    ok, why = staging.prepared(r, snap.commit)
-    if ok:  # what is staged is what the probe stage would check: a recipe expecting another model stops here too
-        check_expectations(r, staging.read(r).manifest)
-    run.status(("prepare: nothing to do: " if ok else "prepare: ") + why)
-    return f"nothing to do: {why}" if ok else None
+    current, why = staging.prepared(r, snap.commit)
+    if current is not None:  # the staged probe is what the probe stage would check: another model stops here too
+        check_expectations(r, current)
+    run.status(("prepare: nothing to do: " if current is not None else "prepare: ") + why)
+    return f"nothing to do: {why}" if current is not None else None
 
 
 def plan(path: Path, *, stages: list[str] | None = None, out: Path | None = None) -> dict:

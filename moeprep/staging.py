@@ -235,49 +235,50 @@ def same_manifest(a: dict, b: dict) -> bool:
     return {**a, "updated": ""} == {**b, "updated": ""}
 
 
-def prepared(r: Recipe, commit: str | None) -> tuple[bool, str]:
+def prepared(r: Recipe, commit: str | None) -> tuple[mf.Manifest | None, str]:
     """Whether the staging branch already holds what prepare would make now from source commit `commit`:
     the same source commit, every file the recipe asks for made with its settings, each staged with its
-    sha256, its header and a current quality record. Reads only the branch's file list and small files."""
+    sha256, its header and a current quality record. Reads only the branch's file list and small files.
+    Returns the staged manifest where it does (None where not), and why."""
     from . import mixes
 
     if commit is None:
-        return False, "the source commit is unknown"
+        return None, "the source commit is unknown"
     staged = read(r)
     if staged is None or staged.manifest is None:
-        return False, f"{r.hub.repo_id}@{r.hub.staging} holds no manifest yet"
+        return None, f"{r.hub.repo_id}@{r.hub.staging} holds no manifest yet"
     m = staged.manifest
     if (m.source.id, m.source.commit) != (r.source.repo, commit):
-        return False, f"staging was prepared from {m.source.id}@{m.source.commit}, the source is now at {commit}"
+        return None, f"staging was prepared from {m.source.id}@{m.source.commit}, the source is now at {commit}"
     base = m.base
     if base is None or base.quant != r.outtype.upper() or base.settings.outtype != r.outtype:
-        return False, f"staging holds no {r.outtype.upper()} conversion"
+        return None, f"staging holds no {r.outtype.upper()} conversion"
     covered = r.imatrix.quants if r.imatrix else []
     for t in mixes.targets(r.quants, r.mix, r.tensor_types):
         a = m.artifact(t.label)
         s = a.settings if a else None
         if (a is None or a.made_from != base.sha256 or (s.ftype, s.mix, s.tensor_types) != (t.ftype, t.mix, [str(x) for x in t.rules])
                 or bool(s.imatrix) != (t.label in covered)):
-            return False, f"staging holds no current {t.label}"
+            return None, f"staging holds no current {t.label}"
     if covered:
         text = r.relative(r.imatrix.calibration)
         i = m.imatrix
         if i is None or (i.text_sha256, i.ctx, i.chunks) != (hashlib.sha256(text.read_bytes()).hexdigest(), r.imatrix.ctx,
                                                              r.imatrix.chunks):
-            return False, "the staged importance matrix was made from another text or with other settings"
+            return None, "the staged importance matrix was made from another text or with other settings"
     for a in m.artifacts:
         if a.size > r.hub.max_shard_bytes and not (a.shards and all(s.max_bytes == r.hub.max_shard_bytes for s in a.shards)):
-            return False, f"{a.path} is not staged as shards of {r.hub.max_shard}"
+            return None, f"{a.path} is not staged as shards of {r.hub.max_shard}"
         for path, _, sha, _ in a.upload_files():
             if not staged.holds(path, sha):
-                return False, f"staging lacks {path} with the sha256 the manifest lists"
+                return None, f"staging lacks {path} with the sha256 the manifest lists"
         if header_path(a.path) not in staged.files:
-            return False, f"staging lacks {header_path(a.path)}"
+            return None, f"staging lacks {header_path(a.path)}"
     q = staged.quality
     if (q is None or q.reference_sha256 != base.sha256 or not kld.same_method(q.settings, kld.resolved(smoke_settings(r)))
             or any(q.current(a) is None for a in m.artifacts if a is not base)):
-        return False, "staging holds no current quality record"
-    return True, f"{r.hub.repo_id}@{r.hub.staging} (commit {staged.commit[:12]}) holds every file, made from " \
+        return None, "staging holds no current quality record"
+    return m, f"{r.hub.repo_id}@{r.hub.staging} (commit {staged.commit[:12]}) holds every file, made from " \
                  f"{m.source.id}@{commit[:12]} with the recipe's settings"
 
 
