@@ -9,8 +9,22 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 NOT_MEASURED = "not measured"
+
+
+class FlashAttn(StrEnum):
+    """Flash attention as llama-server's --flash-attn takes it. llama.cpp's own log spells on and off as
+    enabled and disabled (llama_flash_attn_type_name); `parse` reads either spelling."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+    @classmethod
+    def parse(cls, text: str) -> FlashAttn:
+        return cls({"enabled": "on", "disabled": "off"}.get(text, text))
 
 
 @dataclass
@@ -99,6 +113,7 @@ class PlacementResult:
     failures: list[str] = field(default_factory=list)
     runtime: Runtime | None = None
     greedy_text: str | None = None  # the greedy tokens as text, for the card's sample output
+    prompt_tps_llama: Statistic = field(default_factory=Statistic)  # llama.cpp's counter beside the wall clock
 
     def gpu_mib(self) -> float | None:
         """What the placement needs on the GPU as llama.cpp allocates it: model + KV + compute buffers (MiB)."""
@@ -200,6 +215,11 @@ class Hardware:
     os: str
     physical_cores: int | None = None
 
+    def machine(self) -> tuple:
+        """The kind of machine, without what changes from one reading to the next (the GPU's memory in use):
+        two measurements on equal machines may stand in one table."""
+        return (self.cpu, self.physical_cores, tuple((g.name, g.memory_total_mib, g.driver, g.cuda) for g in self.gpus))
+
 
 @dataclass
 class Runtime:
@@ -210,15 +230,30 @@ class Runtime:
     n_ctx: int | None = None
     n_batch: int | None = None
     n_ubatch: int | None = None
-    flash_attn: str | None = None  # the setting: auto, enabled, disabled
-    flash_attn_used: bool | None = None  # what `auto` resolved to
+    flash_attn: str | None = None  # the setting as llama.cpp logs it: auto, enabled, disabled
+    flash_attn_used: bool | None = None  # what ran: `auto` as llama.cpp resolved it, on and off as asked
+    n_seq_max: int | None = None  # sequences the context holds (llama-server: 4 slots)
+    kv_unified: bool | None = None
+
+    @property
+    def flash_attn_ran(self) -> FlashAttn | None:
+        """On or off as it ran: `auto` as llama.cpp resolved it (None where that was not logged), on and off as asked."""
+        if self.flash_attn_used is not None:
+            return FlashAttn.ON if self.flash_attn_used else FlashAttn.OFF
+        asked = FlashAttn.parse(self.flash_attn) if self.flash_attn else None
+        return asked if asked is not FlashAttn.AUTO else None
 
     def text(self) -> str:
-        fa = self.flash_attn or "?"
-        if self.flash_attn == "auto" and self.flash_attn_used is not None:
-            fa += " (on)" if self.flash_attn_used else " (off)"
+        asked = FlashAttn.parse(self.flash_attn) if self.flash_attn else None
+        ran = self.flash_attn_ran
+        if asked is FlashAttn.AUTO:
+            fa = f"auto, which llama.cpp resolved to {ran}" if ran else "auto (its resolution was not logged)"
+        else:
+            fa = str(asked or "?")
+        slots = f", {self.n_seq_max} sequences" if self.n_seq_max else ""
+        slots += " in a unified KV cache" if self.kv_unified else ""
         return (f"threads {self.threads} (batch {self.threads_batch}), flash attention {fa}, n_ctx {self.n_ctx}, "
-                f"n_batch {self.n_batch}, n_ubatch {self.n_ubatch}")
+                f"n_batch {self.n_batch}, n_ubatch {self.n_ubatch}{slots}")
 
 
 @dataclass
@@ -257,8 +292,12 @@ class SmokeReport:
     def failed(self) -> dict[str, list[str]]:
         return {name: r.failures for name, r in self.artifacts.items() if not r.ok}
 
+    def machine(self) -> tuple:
+        """What the figures were measured on: the backend and the kind of machine (see Hardware.machine)."""
+        return (self.backend, *self.hardware.machine())
+
     def merged_into(self, old: SmokeReport | None) -> SmokeReport:
         """A smoke of one file updates that file's entry and keeps the others' (measured the same way)."""
-        if old is None or old.settings != self.settings or old.hardware != self.hardware:
+        if old is None or old.settings != self.settings or old.machine() != self.machine():
             return self
         return SmokeReport(**{**vars(self), "artifacts": {**old.artifacts, **self.artifacts}})

@@ -1,8 +1,10 @@
-"""Smoke stage: load each GGUF with llama-cpp-python in each placement and measure it.
+"""Smoke stage: load each GGUF with llama.cpp in each placement and measure it.
 
-Every figure is measured here and names its method: N timed runs after one warm-up, mean and
-standard deviation, token counts from token ids. llama.cpp's own log (captured through
-llama_log_set) is the evidence of where each tensor went.
+Every figure is measured here and names its method. Speed is measured as llama-bench measures it: the model
+is loaded once per placement (load time is its own figure), one warm-up generation runs on that context,
+then N timed generations, each from an empty KV cache: the prompt decoded as one batch, then one decode per
+greedily sampled token, all through llama.cpp's C API. llama.cpp's own log (captured through llama_log_set)
+is the evidence of where each tensor went and what the context ran with.
 """
 
 from __future__ import annotations
@@ -21,146 +23,100 @@ from . import manifest as mf
 from . import placement as placements_
 from .errors import MoeprepError
 from .files import sha256_file
+from .libllama import ContextParams, loaded_model, new_context, session, tokenize
 from .outcome import Outcome, Status, quiet
 from .placement import Placement
 from .probe import expected_overrides, probe
-from .results import (Buffer, FileResult, Override, PlacementResult, Quality, Runtime, SmokeReport, SmokeSettings,
-                      Statistic, Tokens, Vram)
+from .results import (Buffer, FileResult, FlashAttn, Override, PlacementResult, Quality, Runtime, SmokeReport,
+                      SmokeSettings, Statistic, Tokens, Vram)
 
 _OVERRIDE = re.compile(r"^tensor (\S+) \((\d+) MiB (\S+)\) buffer type overridden to (\S+)")
-_BUFFER = re.compile(r"^(\w+):\s+(\S+)\s+(model|KV|compute|output) buffer size =\s*([\d.]+) MiB")
-_CONTEXT = re.compile(r"^llama_context: (n_ctx|n_batch|n_ubatch|flash_attn)\s+= (\S+)")
-_FLASH_USED = re.compile(r"Flash Attention (enabled|disabled)")
+_BUFFER = re.compile(r"^(\w+):\s+(\S+)\s+(model|KV|RS|compute|output) buffer size =\s*([\d.]+) MiB")
+_CONTEXT = re.compile(r"^llama_context: (n_ctx|n_batch|n_ubatch|n_seq_max|flash_attn|kv_unified)\s+= (\S+)")
+# llama_context::resolve_fused_ops (src/llama-context.cpp) resolves flash attention `auto` as the context is made:
+# "Flash Attention enabled", or, where the backend lacks the kernel, "Flash Attention not supported, set to disabled".
+_FLASH_RESOLVED = re.compile(r"resolve_fused_ops: Flash Attention (enabled|not supported)")
+# The KV cache and recurrent state as llama.cpp sizes them; logged with no_alloc too, where the buffers are empty.
+_MEMORY = re.compile(r"^(llama_kv_cache|llama_memory_recurrent): size =\s*([\d.]+) MiB")
 
 
 @dataclass
 class LoadLog:
     overridden: list[Override]
     buffers: list[Buffer]
-    context: dict[str, str]  # llama_context's own n_ctx, n_batch, n_ubatch, flash_attn
-    flash_attn_used: bool | None = None
+    context: dict[str, str]  # llama_context's own n_ctx, n_batch, n_ubatch, n_seq_max, flash_attn, kv_unified
+    flash_attn_used: bool | None = None  # what flash attention ran as; None where the log does not say
+    memory_mib: float = 0.0  # every KV cache and recurrent state, as llama.cpp sized them
+
+    @property
+    def flash_attn(self) -> FlashAttn | None:
+        """What the context was asked for, from llama.cpp's `flash_attn = enabled|disabled|auto`."""
+        return FlashAttn.parse(self.context["flash_attn"]) if "flash_attn" in self.context else None
 
 
 def parse_log(text: str) -> LoadLog:
-    """The overridden tensors, per-device buffer sizes and context settings in a llama.cpp load log."""
+    """The overridden tensors, per-device buffer sizes, memory and context settings in a llama.cpp load log."""
     log = LoadLog([], [], {})
     for line in text.splitlines():
-        if m := _OVERRIDE.match(line.strip()):
+        line = line.strip()
+        if m := _OVERRIDE.match(line):
             log.overridden.append(Override(m.group(1), m.group(3), m.group(4)))
-        elif m := _BUFFER.match(line.strip()):
+        elif m := _BUFFER.match(line):
             log.buffers.append(Buffer(m.group(2), m.group(3), float(m.group(4)), m.group(1)))
-        elif m := _CONTEXT.match(line.strip()):
+        elif m := _CONTEXT.match(line):
             log.context[m.group(1)] = m.group(2)
-        elif log.flash_attn_used is None and (m := _FLASH_USED.search(line)):
+        elif m := _MEMORY.match(line):
+            log.memory_mib += float(m.group(2))
+        elif m := _FLASH_RESOLVED.search(line):
             log.flash_attn_used = m.group(1) == "enabled"
+    if log.flash_attn_used is None and log.flash_attn in (FlashAttn.ON, FlashAttn.OFF):
+        log.flash_attn_used = log.flash_attn is FlashAttn.ON  # on or off as asked: llama.cpp resolves nothing
     return log
 
 
-def runtime(log: LoadLog, settings: SmokeSettings) -> Runtime:
+def runtime(log: LoadLog, params: ContextParams) -> Runtime:
     def number(key: str) -> int | None:
         value = log.context.get(key, "")
         return int(value) if value.isdigit() else None
 
-    return Runtime(settings.threads, settings.threads, number("n_ctx"), number("n_batch"), number("n_ubatch"),
-                   log.context.get("flash_attn"), log.flash_attn_used)
+    return Runtime(params.threads, params.threads, number("n_ctx"), number("n_batch"), number("n_ubatch"),
+                   log.context.get("flash_attn"), log.flash_attn_used, n_seq_max=number("n_seq_max"),
+                   kv_unified={"true": True, "false": False}.get(log.context.get("kv_unified", "")))
 
 
-def _open(path: Path, patterns: list[str], settings: SmokeSettings, *, n_ctx: int | None = None,
-          logits_all: bool = False):
-    """Load `path` with the given overrides, every layer offloaded, as llama-server would with `settings`.
-
-    Returns (llm, load log, seconds).
-    """
-    from llama_cpp import Llama
-
-    from .libllama import capture_log, flash_attn, model_params_with_overrides
-
-    lines: list[str] = []
-    with capture_log(lambda level, text: lines.append(text)), model_params_with_overrides(patterns), \
-            flash_attn(settings.flash_attn):
-        start = time.perf_counter()
-        try:
-            llm = Llama(str(path), n_ctx=n_ctx or settings.ctx, n_gpu_layers=-1, n_threads=settings.threads,
-                        n_threads_batch=settings.threads, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
-                        logits_all=logits_all, verbose=False, seed=0)
-        except Exception as e:  # llama-cpp-python raises ValueError("Failed to load model from file")
-            tail = [line.strip() for line in lines if "error" in line.lower()][-1:] or [str(e)]
-            raise MoeprepError(f"llama.cpp could not load {path.name}: {tail[0]}", "see `moeprep probe` for its layout") from e
-        seconds = time.perf_counter() - start
-    return llm, "".join(lines), seconds
-
-
-@dataclass
-class Generation:
-    tokens: list[int]
-    text: str
-    ttft_s: float | None
-    decode_tps: float | None
-    prompt_tps: float | None
-    decode_tps_llama: float | None
-
-
-def _generate(llm, prompt: list[int], n_new: int) -> Generation:
-    """One greedy generation from a clean KV cache, timed from the token stream and by llama.cpp."""
-    import llama_cpp
-
-    llm.reset()  # n_tokens = 0: generate() re-evaluates the whole prompt instead of reusing the cache
-    ctx = llm._ctx.ctx
-    llama_cpp.llama_perf_context_reset(ctx)
-    vocab = llm._model.vocab
-    tokens: list[int] = []
-    start = time.perf_counter()
-    first = last = None
-    for token in llm.generate(prompt, temp=0.0, reset=True):
-        now = time.perf_counter()
-        if llama_cpp.llama_vocab_is_eog(vocab, token):
-            break
-        first = first or now
-        last = now
-        tokens.append(token)
-        if len(tokens) == n_new:
-            break
-    perf = llama_cpp.llama_perf_context(ctx)
-    return Generation(
-        tokens=tokens,
-        text=llm.detokenize(tokens).decode("utf-8", errors="replace"),
-        ttft_s=(first - start) if first else None,
-        decode_tps=(len(tokens) - 1) / (last - first) if first and last and last > first else None,
-        prompt_tps=perf.n_p_eval / (perf.t_p_eval_ms / 1000) if perf.t_p_eval_ms > 0 else None,
-        decode_tps_llama=perf.n_eval / (perf.t_eval_ms / 1000) if perf.t_eval_ms > 0 else None,
-    )
+def context_params(settings: SmokeSettings, n_ctx: int | None = None) -> ContextParams:
+    """llama-server's context, with the settings' size, batches, threads and flash attention."""
+    return ContextParams(n_ctx=n_ctx or settings.ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
+                         threads=settings.threads or gpu.physical_cores(), flash_attn=settings.flash_attn)
 
 
 def run_placement(path: Path, placement: Placement, expected: list[str], settings: SmokeSettings,
                   nvml: gpu.Nvml | None) -> PlacementResult:
-    """Warm-up plus `settings.runs` timed runs of load → generate → close in one placement."""
-    loads, gens = [], []
-    readings: dict[str, list[float | None]] = {k: [] for k in ("before", "after", "peak", "own_after", "own_peak")}
-    log = None
-    n_prompt = 0
-    for i in range(settings.runs + settings.warmup_runs):
-        now = {"before": nvml.used_mib() if nvml else None}
-        llm, text, seconds = _open(path, placement.patterns, settings)
-        try:
-            now |= {"after": nvml.used_mib(), "own_after": nvml.process_mib()} if nvml else {}
-            prompt = llm.tokenize(settings.prompt.encode())
-            n_prompt = len(prompt)
+    """One placement measured as llama-bench measures: one load (its own figure), a warm-up generation on that
+    context, then `settings.runs` timed generations, each from an empty KV cache."""
+    params = context_params(settings)
+    lines: list[str] = []
+    before = nvml.used_mib() if nvml else None
+    start = time.perf_counter()
+    with session(path, placement.patterns, params, lines) as s:
+        load_s = time.perf_counter() - start
+        after = (nvml.used_mib(), nvml.process_mib()) if nvml else (None, None)
+        prompt = s.tokenize(settings.prompt.encode())
+        for _ in range(settings.warmup_runs):
+            s.prompt(prompt)
+            s.generate(prompt, settings.new_tokens)
+        # As llama-bench runs its pp test and then its tg test: the prompt alone N times, then N generations.
+        prompts = [s.prompt(prompt) for _ in range(settings.runs)]
+        gens, peaks = [], []
+        for _ in range(settings.runs):
             if nvml:
                 with gpu.PeakWatch(nvml) as watch:
-                    result = _generate(llm, prompt, settings.new_tokens)
-                now |= {"peak": watch.peak_mib, "own_peak": watch.process_peak_mib}
+                    gens.append(s.generate(prompt, settings.new_tokens))
+                peaks.append((watch.peak_mib, watch.process_peak_mib))
             else:
-                result = _generate(llm, prompt, settings.new_tokens)
-        finally:
-            llm.close()
-        if i < settings.warmup_runs:
-            log = log or parse_log(text)
-            continue  # warm-up runs fill caches and are not counted
-        loads.append(seconds)
-        gens.append(result)
-        for key, values in readings.items():
-            values.append(now.get(key))
-
+                gens.append(s.generate(prompt, settings.new_tokens))
+        text = s.detokenize(gens[0].tokens)
+    log = parse_log("".join(lines))
     moved = sorted(o.tensor for o in log.overridden)
     failures = []
     if moved != sorted(expected):
@@ -168,6 +124,10 @@ def run_placement(path: Path, placement: Placement, expected: list[str], setting
     counts = [len(g.tokens) for g in gens]
     if not all(counts):
         failures.append(f"{placement.name}: empty output (end of generation before the first token)")
+    vram = None
+    if nvml:
+        vram = Vram(METHODS["vram"], Statistic.of([before]), Statistic.of([after[0]]),
+                    Statistic.of([p[0] for p in peaks]), Statistic.of([after[1]]), Statistic.of([p[1] for p in peaks]))
     return PlacementResult(
         placement=placement.name,
         patterns=placement.patterns,
@@ -176,19 +136,23 @@ def run_placement(path: Path, placement: Placement, expected: list[str], setting
         buffers=log.buffers,
         runs=settings.runs,
         warmup_runs=settings.warmup_runs,
-        load_s=Statistic.of(loads),
-        ttft_s=Statistic.of([g.ttft_s for g in gens]),
-        decode_tps=Statistic.of([g.decode_tps for g in gens]),
-        decode_tps_llama=Statistic.of([g.decode_tps_llama for g in gens]),
-        prompt_tps=Statistic.of([g.prompt_tps for g in gens]),
-        tokens=Tokens(n_prompt, counts),
+        load_s=Statistic.of([load_s]),
+        ttft_s=Statistic.of([g.first_s for g in gens]),
+        decode_tps=Statistic.of([g.decodes / g.decode_s if g.decodes and g.decode_s > 0 else None for g in gens]),
+        decode_tps_llama=Statistic.of([_rate(*g.llama_decode) for g in gens]),
+        prompt_tps=Statistic.of([len(prompt) / seconds if seconds > 0 else None for seconds, _, _ in prompts]),
+        prompt_tps_llama=Statistic.of([_rate(n, ms) for _, n, ms in prompts]),
+        tokens=Tokens(len(prompt), counts),
         greedy_tokens=gens[0].tokens,
-        greedy_text=gens[0].text,
-        vram_mib=Vram(METHODS["vram"], *(Statistic.of(readings[k]) for k in ("before", "after", "peak", "own_after",
-                                                                            "own_peak"))) if nvml else None,
+        greedy_text=text,
+        vram_mib=vram,
         failures=failures,
-        runtime=runtime(log, settings),
+        runtime=runtime(log, params),
     )
+
+
+def _rate(n: int, ms: float) -> float | None:
+    return n / (ms / 1000) if n and ms > 0 else None
 
 
 @contextmanager
@@ -198,52 +162,12 @@ def _eval_context(path: Path, settings: SmokeSettings, chunks: quality.Chunking)
     flash attention, a sliding-window cache no larger than the window (common's default)."""
     import llama_cpp as ll
 
-    from .libllama import FLASH_ATTN, capture_log
-
-    lines: list[str] = []
-    with capture_log(lambda level, text: lines.append(text)):
-        ll.llama_backend_init()
-        mp = ll.llama_model_default_params()
-        mp.n_gpu_layers = -1
-        model = ll.llama_model_load_from_file(str(path).encode(), mp)
-        if not model:
-            raise MoeprepError(f"llama.cpp could not load {path.name} to measure its quality: {_last_error(lines)}",
-                               "see `moeprep probe` for its layout")
-        try:
-            cp = ll.llama_context_default_params()
-            cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = chunks.n_ctx, chunks.n_batch, chunks.n_ubatch, chunks.n_seq
-            cp.n_threads = cp.n_threads_batch = settings.threads or gpu.physical_cores()
-            cp.flash_attn_type = FLASH_ATTN[settings.flash_attn]
-            cp.swa_full = False
-            ctx = ll.llama_init_from_model(model, cp)
-            if not ctx:
-                raise MoeprepError(f"llama.cpp could not make a context of {chunks.n_ctx} tokens for {path.name}: "
-                                   f"{_last_error(lines)}", "lower --quality-ctx or --batch")
-            try:
-                yield ctx, ll.llama_model_get_vocab(model)
-            finally:
-                ll.llama_free(ctx)
-        finally:
-            ll.llama_model_free(model)
-
-
-def _last_error(lines: list[str]) -> str:
-    found = [line.strip() for line in lines if "error" in line.lower() or "failed" in line.lower()]
-    return found[-1] if found else "no reason logged"
-
-
-def tokenize(vocab, data: bytes) -> list[int]:
-    """The text as llama-perplexity tokenizes it: common_tokenize(..., add_special=true, parse_special=false)."""
-    import llama_cpp as ll
-
-    n_max = len(data) + 16
-    buf = (ll.llama_token * n_max)()
-    n = ll.llama_tokenize(vocab, data, len(data), buf, n_max, True, False)
-    if n < 0:  # more tokens than room: -n is how many
-        n_max = -n
-        buf = (ll.llama_token * n_max)()
-        n = ll.llama_tokenize(vocab, data, len(data), buf, n_max, True, False)
-    return list(buf[:n])
+    params = ContextParams(n_ctx=chunks.n_ctx, n_batch=chunks.n_batch, n_ubatch=chunks.n_ubatch, n_seq_max=chunks.n_seq,
+                           kv_unified=False, threads=settings.threads or gpu.physical_cores(),
+                           flash_attn=settings.flash_attn)
+    with loaded_model(path, what="load to measure the quality of") as model, \
+            new_context(model, params, what=f"make (for {path.name}'s quality)") as ctx:
+        yield ctx, ll.llama_model_get_vocab(model)
 
 
 def chunk_logits(ctx, vocab, tokens: list[int], chunks: quality.Chunking, n_chunk: int) -> Iterator[object]:
@@ -317,11 +241,8 @@ def reference_for(path: Path, sha256: str | None, settings: SmokeSettings,
 
 def greedy(path: Path, settings: SmokeSettings) -> list[int]:
     """Greedy output on the smoke prompt, every layer offloaded: what the collapse check compares."""
-    llm, _, _ = _open(path, [], settings)
-    try:
-        return _generate(llm, llm.tokenize(settings.prompt.encode()), settings.new_tokens).tokens
-    finally:
-        llm.close()
+    with session(path, [], context_params(settings), []) as s:
+        return s.generate(s.tokenize(settings.prompt.encode()), settings.new_tokens).tokens
 
 
 def quality_of(path: Path, reference: quality.Reference, settings: SmokeSettings) -> Quality:
@@ -470,11 +391,19 @@ def _check_unchanged(target: Target) -> None:
 
 
 METHODS = {
-    "load_s": "wall time of llama_cpp.Llama(...) construction (model load + context creation)",
-    "ttft_s": "wall time from the start of generation to the first streamed token id (prompt eval + first sample)",
-    "decode_tps": "(generated token ids - 1) / wall time between the first and last streamed token",
+    "load_s": "wall time of one llama_model_load_from_file + llama_init_from_model per placement (the file may be "
+              "cold in the page cache for the first placement)",
+    "ttft_s": "wall time from the start of the prompt's decode to the first token sampled (prompt decode as one "
+              "batch, synchronised, plus one greedy sample), from an empty KV cache",
+    "decode_tps": "single-token llama_decode calls after the prompt / wall time from the first token sampled to the "
+                  "last (each decode followed by a greedy llama_sampler_sample, as llama-bench's tg decodes and "
+                  "synchronises each token)",
     "decode_tps_llama": "llama_perf_context n_eval / t_eval_ms",
-    "prompt_tps": "llama_perf_context n_p_eval / t_p_eval_ms",
+    "prompt_tps": "prompt tokens / wall time of their one-batch llama_decode and llama_synchronize from an empty KV "
+                  "cache, N times in a row before the generations (llama-bench's pp test)",
+    "prompt_tps_llama": "llama_perf_context n_p_eval / t_p_eval_ms",
+    "runs": "one load per placement, one warm-up (prompt and generation) on that context, then N timed prompts and N "
+            "timed generations, each from a cleared KV cache, as llama-bench runs its pp and tg tests",
     "vram": "NVML, device 0, polled every 10 ms: this process's own memory (nvmlDeviceGetComputeRunningProcesses) "
             "and, as a fallback, the whole device's (nvmlDeviceGetMemoryInfo, every process and CUDA context)",
     "vram_buffers": "llama.cpp's model, KV and compute buffers on GPU devices, from its load log",

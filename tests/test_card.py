@@ -97,7 +97,9 @@ def test_card_with_smoke_data_shows_measured_figures_and_plot(smoked, tmp_path):
     assert "N=3 timed runs after 1 warm-up" in text
     assert ("VRAM: what the placement needs on the GPU" in text) if m.smoke.hardware.gpus else (
         "VRAM: not measured: the smoke ran without a GPU" in text)
-    assert "llama.cpp ran with threads" in text and "flash attention auto (on)" in text and "n_ubatch 512" in text
+    assert "llama.cpp ran with threads" in text and "n_ubatch 512" in text
+    ran = "on" if m.smoke.artifacts[m.artifacts[0].path].placements["gpu"].runtime.flash_attn_used else "off"
+    assert f"flash attention auto, which llama.cpp resolved to {ran}" in text
     assert "hf download me/tiny-phimoe-GGUF tiny-phimoe-Q4_K_M.gguf" in text
     assert lint(out / "README.md") == []
 
