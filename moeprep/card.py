@@ -136,8 +136,10 @@ def tier_tables(out: Path, usage: mf.Artifact) -> dict:
             commands.append({"tier": f"{tier.gib:g} GiB", "ctx": tier.ctx, "command": cell.command})
     caption = (f"Predicted, not measured: for each GPU memory size and context, the placement of each file with the "
                f"most on the GPU that fits ({t.method}). Headroom kept below each size: {t.headroom_mib:.0f} MiB, "
-               f"{t.headroom_method}. RAM: the weights left in system memory. Flash attention {t.flash_attn}, "
-               f"{t.threads} threads (set --threads to your physical cores).")
+               f"{t.headroom_method}. GPU: weights + KV cache + compute buffer; RAM: the weights left in system "
+               f"memory. Flash attention {t.flash_attn}, as the CUDA build resolves it (see `moeprep plan`); threads "
+               f"are llama-server's default, one per physical core; `--fit off` makes llama-server do exactly what "
+               f"the cell says.")
     if any(c.measured for tier in t.tiers for c in tier.cells):
         caption += " † a GPU smoke measured this file in this placement (at its own context)."
     return {"caption": caption, "tables": tables, "commands": commands}

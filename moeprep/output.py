@@ -117,22 +117,25 @@ def quality_text(q) -> str:
 def plan_lines(r) -> list[str]:
     kv = r.rows[0].kv_cache if r.rows else 0
     included = any(p.compute is not None for p in r.rows)
-    settings = f"ctx {r.ctx}" + (f", n_batch {r.n_batch}, n_ubatch {r.n_ubatch}, flash attention {r.flash_attn}"
+    fa = f"{r.flash_attn}" + (f" (runs as {r.flash_attn_used})" if r.flash_attn_used and r.flash_attn != r.flash_attn_used else "")
+    settings = f"ctx {r.ctx}" + (f", n_batch {r.n_batch}, n_ubatch {r.n_ubatch}, flash attention {fa}"
                                  if included else "")
     lines = [f"{r.file}: PREDICTED from the GGUF (nothing loaded onto a GPU), {settings}"
              + ("" if included else "; compute buffer not included"),
              f"KV cache {hb(kv)}: {r.kv_cache_method}",
              f"compute buffer: {r.compute_buffer}"]
     if r.flash_attn_note:
-        chosen = sorted({p.flash_attn for p in r.rows if p.flash_attn})
-        lines.append(r.flash_attn_note + (f" (here: {', '.join(chosen)})" if r.flash_attn == "auto" and chosen else ""))
+        lines.append(r.flash_attn_note)
     lines.append(f"token_embd ({hb(r.token_embd_on_cpu)}) stays in host memory in every placement")
-    lines.append("placement        weights on GPU   + KV cache    + compute   = predicted   measured (GPU smoke, error)")
+    other = {"on": "off", "off": "on"}.get(str(r.flash_attn_used))
+    lines.append("placement        weights on GPU   + KV cache    + compute   = predicted   measured (GPU smoke, error)"
+                 + (f"   [compute with flash attention {other}]" if other and included else ""))
     for p in r.rows:
         compute = hb(p.compute) if p.compute is not None else "-"
         fits = "" if p.fits is None else ("  fits" if p.fits else "  too big")
+        alt = p.compute_by_flash_attn.get(other or "")
         lines.append(f"  {p.placement:<14} {hb(p.weights_on_gpu):>14} {hb(p.kv_cache):>12} {compute:>12} "
-                     f"{hb(p.predicted_total):>11}   {_measured(p)}{fits}")
+                     f"{hb(p.predicted_total):>11}   {_measured(p)}{fits}" + (f"   [{hb(alt)}]" if alt is not None else ""))
     if r.measured_note:
         lines.append(f"measured: {r.measured_note}")
     if r.vram:

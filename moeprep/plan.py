@@ -1,17 +1,19 @@
 """Offload plan from the GGUF alone: predicted GPU memory per placement, every figure labelled a prediction.
 
-Weights: the bytes of every tensor the override leaves on the GPU, token_embd excepted (llama.cpp
-always keeps the input layer in host memory; see probe). KV cache: n_ctx x layers x KV heads x (K + V head
-size) x 2 bytes (f16 cache), or the compressed latent for MLA models, at the n_ctx llama.cpp applies (it
-rounds the context up to a multiple of 256).
+Weights: the bytes of every tensor the override leaves on the GPU, token_embd excepted (llama.cpp always
+keeps the input layer in host memory; see probe).
 
-Compute buffer: sized by llama.cpp's own allocator, not by a formula. `simulate` loads the model with
-`no_alloc` and creates a context (libllama.simulate_context): nothing is read or allocated, and llama.cpp
-logs the compute buffer of its worst-case graph, in milliseconds. Where the build has a GPU backend, each
-placement is simulated on it with its overrides, which includes what CUDA stages for experts left on the
-CPU. On a CPU-only build the CPU backend sizes the graph for every placement at once, and that staging is
-added by a rule (`expert_staging`), checked against the recorded CUDA figures. `predict` without
-simulations leaves the compute buffer out and says so.
+KV cache and compute buffer: sized by llama.cpp's own allocator, not by a formula. `simulate` loads the
+model with `no_alloc` and creates a context as llama-server would (libllama.simulate_context): nothing is
+read or allocated, and llama.cpp logs its KV caches (sliding-window layers at their window, recurrent state
+included) and the compute buffer of its worst-case graph, in milliseconds.
+
+Where the build has a GPU backend, each placement is simulated on it with its overrides, which includes what
+CUDA stages for experts left on the CPU, and llama.cpp resolves flash attention `auto` itself. On a CPU-only
+build the CPU backend sizes the graph for every placement at once; what differs on the CUDA build users run
+is predicted by two rules, each checked against llama.cpp's own CUDA figures: flash attention `auto` as
+ggml-cuda resolves it (`cuda_flash_attn`), and the staging of experts left in host memory (`_staged`).
+`predict` without simulations falls back to a KV formula, leaves the compute buffer out, and says so.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from pathlib import Path
 from . import manifest as mf
 from .placement import Placement as Spec
 from .probe import ProbeReport, probe
-from .results import Buffer, FileResult
+from .results import Buffer, FileResult, FlashAttn
 
 COMPUTE_NOT_INCLUDED = "not included (depends on backend and n_ubatch; see measured values where a GPU smoke exists)"
 
-# llama-server's defaults (common/common.h): n_batch 2048, n_ubatch 512, flash attention auto.
-DEFAULT_BATCH, DEFAULT_UBATCH, DEFAULT_FLASH_ATTN = 2048, 512, "auto"
+# llama-server's defaults (common/common.h): n_batch 2048, n_ubatch 512, flash attention auto, f16 caches.
+DEFAULT_BATCH, DEFAULT_UBATCH, DEFAULT_FLASH_ATTN = 2048, 512, FlashAttn.AUTO
 
 # ggml-cuda's offload_op: an op whose weight sits in host memory runs on the GPU (its weight copied over)
 # when its batch is at least this many tokens; below it the op stays on the CPU and nothing is staged.
@@ -39,15 +41,24 @@ OP_OFFLOAD_MIN_BATCH = 32
 # n_batch min(512, ctx), n_ubatch 512, flash attention off.
 LEGACY_SMOKE_UBATCH = 512
 
-# What the methods below were checked against, and their error there (tests/test_plan.py recomputes it):
-# CUDA0 buffers from llama-fit-params on an H200, 2026-11-26 (shared/gpu/evidence-2026-11-26-h200/run2/
-# fit-matrix.txt), for an 8-block, 16-expert Phi-MoE in F16 and Q4_K_M at ctx 512/4096/32768 and n_ubatch 512/2048,
-# gpu and cpu-moe, flash attention off (that build has no FA kernels). Percent, (lowest, highest).
-EVIDENCE = "the 2026-11-26 H200 evidence (llama-fit-params on CUDA, 24 settings)"
+# Which K/V head sizes ggml-cuda has flash-attention kernels for at 0c1e570 (ggml/src/ggml-cuda/fattn.cu,
+# ggml_cuda_get_best_fattn_kernel), which decides what `auto` resolves to on a CUDA build: where the kernel is
+# missing the op falls back to the CPU and llama_context::resolve_fused_ops turns flash attention off.
+CUDA_FA_HEADS = {40: 40, 64: 64, 72: 72, 80: 80, 96: 96, 112: 112, 128: 128, 256: 256}  # K head -> V head
+CUDA_FA_GQA_HEADS = {192: (128, 8), 320: (256, 32), 512: (512, 1), 576: (512, 1)}  # K head -> (V head, GQA multiple)
+CUDA_FA_CACHE_TYPES = {"f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"}  # fattn_kv_type_supported
+CUDA_FA_SOURCE = "ggml/src/ggml-cuda/fattn.cu, ggml_cuda_get_best_fattn_kernel, llama.cpp 0c1e570"
+
+# What the rules were checked against, and their error there (tests/test_plan.py recomputes it): llama-fit-params
+# on an H200 for the evidence model (8 blocks, 16 experts, F16 and Q4_K_M), CUDA0's model + KV + compute, in
+# shared/gpu/evidence-2026-11-26-h200/run2/fit-matrix.txt (24 settings, flash attention off) and
+# evidence-2026-12-04-h200-fa/fit-fa.txt (72 settings: ctx 4096/32768, ubatch 512/2048, gpu, cpu-moe and
+# n-cpu-moe=2, flash attention on, off and auto). Percent, (lowest, highest).
+EVIDENCE = "llama-fit-params on an H200 (96 settings, flash attention on, off and auto)"
 EVIDENCE_ERRORS = {
     "simulated": (-2.2, 12.2),  # the CPU simulation's compute buffer against CUDA's (+4.5 MiB at ctx 512)
-    "staging": (-7.7, -1.0),  # the staging rule's compute buffer, where it is the larger
-    "total": (-3.8, 3.4),  # weights + KV + compute against CUDA0's model + KV + compute
+    "staging": (-9.1, 0.4),  # the staging rule's compute buffer, where it decides
+    "total": (-3.6, 3.4),  # weights + KV + compute against CUDA0's model + KV + compute
 }
 
 
@@ -57,21 +68,45 @@ def _range(name: str) -> str:
 
 
 def kv_cache_bytes(report: ProbeReport, ctx: int) -> tuple[int, str]:
+    """The KV cache by formula: the fallback where llama.cpp cannot size it (a layout it cannot load)."""
     a = report.attention
     layers = report.block_count
     if a.kv_lora_rank:
         rope = a.rope_dimension_count or 0
         per_token = layers * (a.kv_lora_rank + rope) * 2
-        return ctx * per_token, (f"MLA latent cache: ctx {ctx} x {layers} layers x (kv_lora_rank {a.kv_lora_rank} "
-                                 f"+ rope {rope}) x 2 bytes")
+        return ctx * per_token, (f"formula (llama.cpp could not size it): MLA latent cache, ctx {ctx} x {layers} "
+                                 f"layers x (kv_lora_rank {a.kv_lora_rank} + rope {rope}) x 2 bytes")
     heads = a.head_count or 1
     kv_heads = a.head_count_kv or heads
     k_len = a.key_length or ((report.embedding_length or 0) // heads)
     v_len = a.value_length or k_len
-    method = f"f16 cache: ctx {ctx} x {layers} layers x {kv_heads} KV heads x (K {k_len} + V {v_len}) x 2 bytes"
+    method = (f"formula (llama.cpp could not size it): f16 cache, ctx {ctx} x {layers} layers x {kv_heads} KV heads "
+              f"x (K {k_len} + V {v_len}) x 2 bytes")
     if a.sliding_window and a.sliding_window < ctx:
         method += f"; sliding-window layers (window {a.sliding_window}) counted at full context, an upper bound"
     return ctx * layers * kv_heads * (k_len + v_len) * 2, method
+
+
+def cuda_flash_attn(report: ProbeReport, cache_type_k: str = "f16", cache_type_v: str = "f16") -> tuple[bool, str]:
+    """Whether a CUDA build resolves flash attention `auto` to on for this model, and why (CUDA_FA_SOURCE)."""
+    a = report.attention
+    heads = a.head_count or 1
+    if a.kv_lora_rank:  # MLA: attention over the latent cache, one KV head
+        k, v, gqa = a.kv_lora_rank + (a.rope_dimension_count or 0), a.kv_lora_rank, heads
+    else:
+        k = a.key_length or ((report.embedding_length or 0) // heads)
+        v = a.value_length or k
+        gqa = heads // (a.head_count_kv or heads)
+    shape = f"K/V head size {k}/{v}"
+    if cache_type_k not in CUDA_FA_CACHE_TYPES or cache_type_v not in CUDA_FA_CACHE_TYPES:
+        return False, f"ggml-cuda has no flash-attention kernel for a {cache_type_k}/{cache_type_v} cache ({CUDA_FA_SOURCE})"
+    if CUDA_FA_HEADS.get(k) == v:
+        return True, f"{shape} has CUDA flash-attention kernels ({CUDA_FA_SOURCE})"
+    if k in CUDA_FA_GQA_HEADS:
+        need_v, multiple = CUDA_FA_GQA_HEADS[k]
+        if v == need_v and gqa >= 2 and gqa % multiple == 0:
+            return True, f"{shape} with GQA ratio {gqa} has CUDA flash-attention kernels ({CUDA_FA_SOURCE})"
+    return False, f"{shape} (GQA ratio {gqa}) has no CUDA flash-attention kernel ({CUDA_FA_SOURCE})"
 
 
 @dataclass
@@ -80,17 +115,20 @@ class Simulation:
 
     device: str  # whose compute buffer stands for the GPU's: "CUDA0", ..., or "CPU" on a build without a GPU
     placement: str | None  # simulated with this placement's overrides; None: one run for every placement
-    flash_attn: str  # "on" or "off", as llama.cpp applied it
+    flash_attn: FlashAttn  # on or off, as llama.cpp applied it
     n_ctx: int  # as llama.cpp applied them (n_ctx rounded up, n_batch and n_ubatch clamped)
     n_batch: int
     n_ubatch: int
     compute: int  # bytes of the compute buffer on `device`
     buffers: list[Buffer] = field(default_factory=list)  # every compute buffer logged, host ones included
     seconds: float = 0.0
+    kv: int = 0  # bytes of every KV cache and recurrent state, as llama.cpp sized them
+    kv_method: str = ""  # llama.cpp's own lines for them
+    asked: FlashAttn | None = None  # what the context was asked for; `auto` is resolved in `flash_attn`
 
 
 def read_simulation(text: str, placement: str | None, seconds: float = 0.0) -> Simulation:
-    """The applied context settings and the compute buffers in a llama.cpp context-creation log."""
+    """The applied context settings, the memory and the compute buffers in a llama.cpp context-creation log."""
     from .smoke import parse_log
 
     log = parse_log(text)
@@ -99,42 +137,53 @@ def read_simulation(text: str, placement: str | None, seconds: float = 0.0) -> S
         raise ValueError("no context was created: the log has no compute buffer or context settings")
     on_gpu = [b for b in compute if b.on_gpu]
     counted = on_gpu or [b for b in compute if b.device == "CPU"]
-    fa = log.context.get("flash_attn")
-    if fa == "auto" and log.flash_attn_used is not None:
-        fa = "enabled" if log.flash_attn_used else "disabled"
+    asked = log.flash_attn
+    ran = {True: FlashAttn.ON, False: FlashAttn.OFF}.get(log.flash_attn_used)  # type: ignore[arg-type]
+    sizes = [line.split(": size =", 1)[1].strip() for line in text.splitlines() if ": size =" in line
+             and line.strip().startswith(("llama_kv_cache", "llama_memory_recurrent"))]
     return Simulation(
         device="+".join(sorted({b.device for b in counted})),
         placement=placement,
-        flash_attn={"enabled": "on", "disabled": "off"}.get(fa or "", fa or "unknown"),
+        flash_attn=ran or asked or FlashAttn.OFF,
         n_ctx=int(log.context["n_ctx"]),
         n_batch=int(log.context["n_batch"]),
         n_ubatch=int(log.context["n_ubatch"]),
         compute=round(sum(b.mib for b in counted) * 2**20),
         buffers=compute,
         seconds=seconds,
+        kv=round(log.memory_mib * 2**20),
+        kv_method="; ".join(f"size = {s}" for s in sizes),
+        asked=asked,
     )
 
 
 def simulate(path: Path, report: ProbeReport, *, ctx: int, ubatch: int = DEFAULT_UBATCH, batch: int = DEFAULT_BATCH,
-             flash_attn: str = DEFAULT_FLASH_ATTN) -> list[Simulation]:
-    """Let llama.cpp size the compute buffer of `path` for these settings, without allocating anything.
+             flash_attn: FlashAttn | str = DEFAULT_FLASH_ATTN) -> list[Simulation]:
+    """Let llama.cpp size `path`'s KV cache and compute buffer for these settings, without allocating anything.
 
-    With a GPU backend, every placement is simulated on it with its overrides and llama.cpp resolves flash
-    attention `auto` itself. On the CPU backend the overrides change nothing (every buffer is host memory),
-    so one run serves every placement; `auto` is simulated both ways, since the user's GPU build decides.
+    Both flash attention states are simulated, so the plan can show both; with a GPU backend every placement is
+    simulated on it with its overrides, and `auto` once more so that llama.cpp resolves it. On the CPU backend the
+    overrides change nothing (every buffer is host memory), so one run per state serves every placement.
     """
     from .errors import MoeprepError
-    from .libllama import devices, simulate_context
+    from .gpu import physical_cores
+    from .libllama import ContextParams, devices, simulate_context
 
+    asked = FlashAttn(flash_attn)
     on_gpu = any(d["type"] in ("GPU", "IGPU") for d in devices())
+    states = [FlashAttn.ON, FlashAttn.OFF]
+    runs: list[tuple[str | None, list[str], FlashAttn]] = []
     if on_gpu:
-        runs = [(p.name, p.patterns, flash_attn) for p in report.placements]
+        runs = [(p.name, p.patterns, fa) for p in report.placements for fa in states]
+        if asked is FlashAttn.AUTO:
+            runs.append(("gpu", [], FlashAttn.AUTO))
     else:
-        runs = [(None, [], fa) for fa in (("on", "off") if flash_attn == "auto" else (flash_attn,))]
+        runs = [(None, [], fa) for fa in states]
     out = []
     for name, patterns, fa in runs:
+        params = ContextParams(n_ctx=ctx, n_batch=batch, n_ubatch=ubatch, threads=physical_cores(), flash_attn=fa)
         start = time.perf_counter()
-        text = simulate_context(path, patterns=patterns, n_ctx=ctx, n_batch=batch, n_ubatch=ubatch, flash_attn=fa)
+        text = simulate_context(path, patterns=patterns, params=params)
         try:
             out.append(read_simulation(text, name, time.perf_counter() - start))
         except ValueError as e:
@@ -144,15 +193,14 @@ def simulate(path: Path, report: ProbeReport, *, ctx: int, ubatch: int = DEFAULT
 
 
 def expert_staging(report: ProbeReport, placement: str, n_ubatch: int) -> tuple[int, str | None]:
-    """What CUDA's compute buffer holds when experts stay in host memory, estimated for CPU-only simulations.
+    """What CUDA's compute buffer holds for one expert matmul when experts stay in host memory.
 
     For ubatches of OP_OFFLOAD_MIN_BATCH tokens or more, ggml-cuda runs the expert matmuls on the GPU and the
     scheduler copies each host expert tensor into the GPU's compute buffer; it starts a new split per such
     weight so that one copy is freed before the next (ggml-backend.cpp, "the memory of the previously
     offloaded weights can be reused"). So the buffer holds the largest moved expert tensor of a layer while
     that layer's MoE activations are live: the FFN input and residual (n_embd each) and the gate and up
-    outputs (n_expert_used x their rows), f32, per token of the ubatch. Where the allocator fragments around
-    the copy the real buffer is somewhat larger (EVIDENCE_ERRORS["staging"]).
+    outputs (n_expert_used x their rows), f32, per token of the ubatch.
     """
     if n_ubatch < OP_OFFLOAD_MIN_BATCH:
         return 0, None
@@ -176,6 +224,37 @@ def expert_staging(report: ProbeReport, placement: str, n_ubatch: int) -> tuple[
     return best, why
 
 
+def kq_mask_bytes(sim: Simulation) -> int:
+    """The attention mask llama.cpp feeds every layer: n_kv x n_ubatch, f16 with flash attention and f32 without
+    (build_attn_inp_kq_mask in src/llama-graph.cpp). The worst-case graph has n_kv = n_ctx."""
+    return sim.n_ctx * sim.n_ubatch * (2 if sim.flash_attn is FlashAttn.ON else 4)
+
+
+def _staged(report: ProbeReport, placement: str, sim: Simulation) -> tuple[int, str]:
+    """CUDA's compute buffer for a placement with experts in host memory, from a CPU-only simulation.
+
+    Fitted to the H200 rows (EVIDENCE) by this account of them: the graph is split at every expert matmul, and
+    the largest split is either the staging of one expert (expert_staging, with the attention mask, which is
+    live there) or the rest of the graph. The CPU backend sizes one unsplit graph, in which the mask is live
+    until the output layer; with flash attention on, that output layer is the peak (the logits of a whole
+    ubatch), and in the split graph it no longer holds the mask. Without flash attention the attention scores
+    are the peak, and the mask is live there in either graph.
+    """
+    staged, why = expert_staging(report, placement, sim.n_ubatch)
+    simulated = f"simulated on {sim.device}"
+    if not staged:
+        return sim.compute, simulated
+    mask = kq_mask_bytes(sim)
+    rest, rest_method = sim.compute, simulated
+    if sim.flash_attn is FlashAttn.ON:
+        rest = sim.compute - mask
+        rest_method = (f"CUDA expert staging rule, the rest of the graph: {simulated}, less the KQ mask "
+                       f"({mask / 2**20:.1f} MiB), which the split graph's peak does not hold")
+    if staged + mask > rest:
+        return staged + mask, f"CUDA expert staging rule, one expert's split: {why}, + the KQ mask {mask / 2**20:.1f} MiB"
+    return rest, rest_method
+
+
 @dataclass
 class Measured:
     """llama.cpp's GPU buffers from a recorded smoke of the same bytes."""
@@ -196,8 +275,8 @@ class PlanRow:
     weights_error_pct: float | None = None
     compute: int | None = None  # None: not predicted (see Plan.compute_buffer)
     compute_method: str | None = None
-    flash_attn: str | None = None  # the flash attention state the compute figure is for
-    compute_by_flash_attn: dict[str, int] = field(default_factory=dict)
+    flash_attn: FlashAttn | None = None  # the flash attention state the compute figure is for
+    compute_by_flash_attn: dict[str, int] = field(default_factory=dict)  # on and off, whichever runs
     kv_error_pct: float | None = None
     compute_error_pct: float | None = None  # against a smoke at the same n_ctx, n_ubatch and flash attention
     total_error_pct: float | None = None
@@ -218,8 +297,9 @@ class Plan:
     compute_buffer: str = COMPUTE_NOT_INCLUDED  # how the compute buffer was predicted, or why it was not
     batch: int = DEFAULT_BATCH
     ubatch: int = DEFAULT_UBATCH
-    flash_attn: str = DEFAULT_FLASH_ATTN  # as asked: auto, on or off
-    flash_attn_note: str | None = None  # what `auto` became, and why
+    flash_attn: FlashAttn = DEFAULT_FLASH_ATTN  # as asked: auto, on or off
+    flash_attn_used: FlashAttn | None = None  # what runs: `auto` resolved, on and off as asked
+    flash_attn_note: str | None = None  # how `auto` was resolved, and by whom
     n_ctx: int | None = None  # as llama.cpp applies them, where simulated
     n_batch: int | None = None
     n_ubatch: int | None = None
@@ -227,34 +307,52 @@ class Plan:
     measured_note: str | None = None  # what a recorded smoke can be compared with
 
 
+def resolve_flash_attn(report: ProbeReport, asked: FlashAttn, sims: list[Simulation]) -> tuple[FlashAttn, str]:
+    """What flash attention runs as on the CUDA build users run, and how that was decided."""
+    if asked is not FlashAttn.AUTO:
+        return asked, f"flash attention {asked}, as asked"
+    resolved = next((s for s in sims if s.asked is FlashAttn.AUTO), None)
+    if resolved is not None:
+        return resolved.flash_attn, f"flash attention auto: llama.cpp resolved it to {resolved.flash_attn} on {resolved.device}"
+    on, why = cuda_flash_attn(report)
+    state = FlashAttn.ON if on else FlashAttn.OFF
+    return state, (f"flash attention auto: predicted {state} for a CUDA build, as llama_context::resolve_fused_ops "
+                   f"resolves it: {why}; this build has no GPU backend to ask. The figure for the other state is in "
+                   f"compute_by_flash_attn; --flash-attn on|off picks one")
+
+
 def predict(report: ProbeReport, ctx: int = 4096, vram: int | None = None, smoke: FileResult | None = None, *,
             simulations: list[Simulation] | None = None, batch: int = DEFAULT_BATCH, ubatch: int = DEFAULT_UBATCH,
-            flash_attn: str = DEFAULT_FLASH_ATTN, smoke_ctx: int | None = None,
+            flash_attn: FlashAttn | str = DEFAULT_FLASH_ATTN, smoke_ctx: int | None = None,
             compute_not_included: str = COMPUTE_NOT_INCLUDED) -> Plan:
     """The plan for a probed file.
 
-    `simulations` are llama.cpp's sizings of this file's context (see `simulate`); without them the compute
-    buffer is left out and `compute_not_included` says why. `smoke` is a recorded smoke of exactly that
-    file, if any, made at ctx `smoke_ctx`.
+    `simulations` are llama.cpp's sizings of this file's context (see `simulate`); without them the KV cache is
+    a formula, the compute buffer is left out and `compute_not_included` says why. `smoke` is a recorded smoke
+    of exactly that file, if any, made at ctx `smoke_ctx`.
     """
-    sims = simulations or []
+    asked = FlashAttn(flash_attn)
+    sims = [s for s in simulations or [] if s.asked is not FlashAttn.AUTO]
     n_ctx = sims[0].n_ctx if sims else ctx
-    kv, kv_method = kv_cache_bytes(report, n_ctx)
+    if sims:
+        kv, kv_method = sims[0].kv, f"llama.cpp's allocator (no_alloc): {sims[0].kv_method}"
+    else:
+        kv, kv_method = kv_cache_bytes(report, n_ctx)
     if n_ctx != ctx:
         kv_method += f" (llama.cpp rounds ctx {ctx} up to {n_ctx})"
     plan = Plan(report.file, ctx, vram, report.bytes["total"], report.bytes["input_layer"], kv_method, report.is_moe,
-                batch=batch, ubatch=ubatch, flash_attn=flash_attn, simulations=sims)
+                batch=batch, ubatch=ubatch, flash_attn=asked, simulations=list(simulations or []))
     if sims:
         plan.n_ctx, plan.n_batch, plan.n_ubatch = n_ctx, sims[0].n_batch, sims[0].n_ubatch
         plan.compute_buffer = _compute_method(sims, report.is_moe)
-        plan.flash_attn_note = _flash_attn_note(sims, flash_attn)
+        plan.flash_attn_used, plan.flash_attn_note = resolve_flash_attn(report, asked, simulations or [])
     else:
         plan.compute_buffer = compute_not_included
     for p in report.placements:
         row = PlanRow(p.name, p.bytes_on_gpu, kv, p.bytes_on_gpu + kv, None)
-        if mine := [s for s in sims if s.placement in (None, p.name)]:
-            _predict_compute(row, report, mine)
-            row.predicted_total += row.compute
+        if plan.flash_attn_used and (mine := [s for s in sims if s.placement in (None, p.name)]):
+            _predict_compute(row, report, mine, plan.flash_attn_used)
+            row.predicted_total += row.compute or 0
         row.fits = (row.predicted_total <= vram) if vram else None
         measured = smoke.placements.get(p.name) if smoke else None
         if measured and measured.gpu_bytes():
@@ -269,64 +367,49 @@ def predict(report: ProbeReport, ctx: int = 4096, vram: int | None = None, smoke
     return plan
 
 
-def _predict_compute(row: PlanRow, report: ProbeReport, sims: list[Simulation]) -> None:
-    """The row's compute buffer: per flash attention state simulated, the larger of llama.cpp's figure and,
-    on a CPU-only simulation, the staging of experts left on the CPU; then the larger over the states."""
+def _predict_compute(row: PlanRow, report: ProbeReport, sims: list[Simulation], used: FlashAttn) -> None:
+    """The row's compute buffer in each flash attention state simulated (a CPU-only simulation with the CUDA
+    staging rule applied), and the one for the state that runs."""
     methods = {}
     for s in sims:
-        figure, method = s.compute, f"simulated on {s.device}"
-        if s.placement is None and s.device == "CPU":
-            staged, why = expert_staging(report, row.placement, s.n_ubatch)
-            if staged > figure:
-                figure, method = staged, f"CUDA expert staging (larger than the {s.compute / 2**20:.1f} MiB simulated): {why}"
-        if figure >= row.compute_by_flash_attn.get(s.flash_attn, -1):
-            row.compute_by_flash_attn[s.flash_attn] = figure
-            methods[s.flash_attn] = method
-    row.flash_attn = max(row.compute_by_flash_attn, key=lambda fa: (row.compute_by_flash_attn[fa], fa == "off"))
-    row.compute = row.compute_by_flash_attn[row.flash_attn]
-    row.compute_method = f"flash attention {row.flash_attn}: {methods[row.flash_attn]}"
+        figure, method = (_staged(report, row.placement, s) if s.placement is None and s.device == "CPU"
+                          else (s.compute, f"simulated on {s.device}"))
+        row.compute_by_flash_attn[str(s.flash_attn)] = figure
+        methods[s.flash_attn] = method
+    if str(used) in row.compute_by_flash_attn:
+        row.flash_attn = used
+        row.compute = row.compute_by_flash_attn[str(used)]
+        row.compute_method = f"flash attention {used}: {methods[used]}"
 
 
 def _compute_method(sims: list[Simulation], is_moe: bool) -> str:
     s = sims[0]
     text = (f"PREDICTED by llama.cpp's own allocator: model loaded with no_alloc (nothing read or allocated), "
-            f"context created at n_ctx {s.n_ctx}, n_batch {s.n_batch}, n_ubatch {s.n_ubatch}. ")
+            f"context created as llama-server creates it at n_ctx {s.n_ctx}, n_batch {s.n_batch}, n_ubatch "
+            f"{s.n_ubatch}. ")
     if s.device != "CPU":
         return text + f"Each placement simulated on {s.device} with its overrides, CUDA's expert staging included."
     text += (f"No GPU backend in this build, so the CPU backend sized the graph for the GPU (against CUDA in "
              f"{EVIDENCE}: {_range('simulated')}).")
     if is_moe:
         text += (f" Experts on the CPU: CUDA copies each moved expert tensor into the compute buffer for its matmul "
-                 f"(ubatches of {OP_OFFLOAD_MIN_BATCH}+ tokens), one at a time; predicted as the larger of the "
-                 f"simulation and the largest moved expert tensor + one ubatch's MoE activations ({_range('staging')}).")
+                 f"(ubatches of {OP_OFFLOAD_MIN_BATCH}+ tokens), one at a time, in a graph split at each; predicted "
+                 f"as the larger of that staging (the largest moved expert tensor, one ubatch's MoE activations and "
+                 f"the KQ mask) and the rest of the graph, a rule fitted to those CUDA figures ({_range('staging')}).")
     return text + f" GPU totals there: {_range('total')}."
 
 
-def _flash_attn_note(sims: list[Simulation], asked: str) -> str:
-    states = sorted({s.flash_attn for s in sims})
-    if asked != "auto":
-        return f"flash attention {asked}, as asked"
-    if len(states) > 1:
-        return ("flash attention auto: llama.cpp turns it on where the GPU backend has the kernel and off where not "
-                "(the evidence's CUDA build had none); a CPU-only build cannot tell, so both were simulated and each "
-                "placement shows the larger (both are in compute_by_flash_attn); --flash-attn on|off picks one")
-    return f"flash attention auto: llama.cpp resolved it to {states[0]} on {sims[0].device}"
-
-
-def _smoke_ran(measured, smoke_ctx: int | None) -> tuple[int, int, str | None] | None:
-    """(n_ctx, n_ubatch, flash attention on/off) that a recorded smoke's placement ran with."""
+def _smoke_ran(measured, smoke_ctx: int | None) -> tuple[int, int, FlashAttn | None] | None:
+    """(n_ctx, n_ubatch, flash attention) that a recorded smoke's placement ran with."""
     rt = getattr(measured, "runtime", None)
     if rt is not None and rt.n_ctx and rt.n_ubatch:
-        fa = {"enabled": "on", "disabled": "off"}.get(rt.flash_attn or "")
-        if rt.flash_attn == "auto" and rt.flash_attn_used is not None:
-            fa = "on" if rt.flash_attn_used else "off"
-        return rt.n_ctx, rt.n_ubatch, fa
+        return rt.n_ctx, rt.n_ubatch, rt.flash_attn_ran
     if smoke_ctx:  # recorded before smoke kept its Runtime: llama-cpp-python's context, flash attention off
-        return -(-smoke_ctx // 256) * 256, min(LEGACY_SMOKE_UBATCH, smoke_ctx), "off"
+        return -(-smoke_ctx // 256) * 256, min(LEGACY_SMOKE_UBATCH, smoke_ctx), FlashAttn.OFF
     return None
 
 
-def _compare(row: PlanRow, measured, ran: tuple[int, int, str | None] | None, plan: Plan) -> None:
+def _compare(row: PlanRow, measured, ran: tuple[int, int, FlashAttn | None] | None, plan: Plan) -> None:
     """Errors against a smoke of the same bytes: weights always; KV at the same n_ctx; compute and total at the
     same n_ctx and n_ubatch, against the figure for the flash attention state the smoke ran with."""
     gpu = measured.gpu_bytes()
@@ -335,13 +418,13 @@ def _compare(row: PlanRow, measured, ran: tuple[int, int, str | None] | None, pl
     if not plan.simulations or ran is None or ran[0] != plan.n_ctx:
         return
     row.kv_error_pct = _error(row.kv_cache, gpu["KV"])
-    compute = row.compute_by_flash_attn.get(ran[2] or "")
+    compute = row.compute_by_flash_attn.get(str(ran[2]))
     if ran[1] == plan.n_ubatch and compute is not None:
         row.compute_error_pct = _error(compute, gpu["compute"])
         row.total_error_pct = _error(row.weights_on_gpu + row.kv_cache + compute, sum(gpu.values()))
 
 
-def _measured_note(plan: Plan, ran: tuple[int, int, str | None] | None) -> str:
+def _measured_note(plan: Plan, ran: tuple[int, int, FlashAttn | None] | None) -> str:
     if ran is None:
         return "recorded GPU smoke: weights compared (its context settings are unknown)"
     where = f"recorded GPU smoke (n_ctx {ran[0]}, n_ubatch {ran[1]}, flash attention {ran[2] or '?'})"
@@ -359,10 +442,11 @@ def _error(predicted: float, measured: float) -> float | None:
 
 
 def plan_file(path: Path, ctx: int = 4096, vram: int | None = None, *, ubatch: int = DEFAULT_UBATCH,
-              batch: int = DEFAULT_BATCH, flash_attn: str = DEFAULT_FLASH_ATTN, simulate_compute: bool = True) -> Plan:
+              batch: int = DEFAULT_BATCH, flash_attn: FlashAttn | str = DEFAULT_FLASH_ATTN,
+              simulate_compute: bool = True) -> Plan:
     """Plan a GGUF file; where its directory's manifest records it, use that probe and any GPU smoke of it.
 
-    The compute buffer is sized by llama.cpp itself (`simulate`) unless `simulate_compute` is off.
+    The KV cache and compute buffer are sized by llama.cpp itself (`simulate`) unless `simulate_compute` is off.
     """
     from .errors import MoeprepError
 

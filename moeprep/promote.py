@@ -26,12 +26,6 @@ from .staging import Staged, blob_ids, check_layout, current_result, download, h
     same_manifest, smoke_settings, smoked_labels
 
 
-def _hardware_key(report: SmokeReport) -> tuple:
-    """The machine a report was measured on, without readings that change between runs (memory in use)."""
-    h = report.hardware
-    return (report.backend, h.cpu, h.physical_cores, [(g.name, g.memory_total_mib, g.driver, g.cuda) for g in h.gpus])
-
-
 def merge(staged: Staged, r: Recipe) -> mf.Manifest:
     """The staged manifest with every quant's smoke result and its quality, as one SmokeReport.
 
@@ -45,7 +39,7 @@ def merge(staged: Staged, r: Recipe) -> mf.Manifest:
         raise MoeprepError(f"{where} has no current smoke result for {', '.join(missing)}",
                            f"run `moeprep release {r.path} --stages smoke --quant {missing[0]}`")
     reports = [staged.smoke[x] for x in labels]
-    machines = {str(_hardware_key(rep)) for rep in reports}
+    machines = {rep.machine() for rep in reports}
     if len(machines) > 1:
         by = ", ".join(f"{x}: {rep.hardware.cpu}" + "".join(f" + {g.name}" for g in rep.hardware.gpus)
                        for x, rep in zip(labels, reports))

@@ -8,6 +8,7 @@ the GPU that fits wins: `gpu`, then the smallest `--n-cpu-moe N`, then `--cpu-mo
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from . import manifest as mf
 from .errors import MoeprepError
 from .placement import Placement
 from .plan import plan_file
+from .probe import probe
+from .results import FlashAttn
 
 TIERS_GIB = (8, 12, 16, 24, 32, 48, 80, 96)
 CONTEXTS = (4096, 16384, 32768)
@@ -48,28 +51,33 @@ class TierTable:
     headroom_mib: float
     headroom_method: str
     contexts: list[int]
-    flash_attn: str
-    threads: int
+    flash_attn: FlashAttn  # as asked; each cell's plan resolved `auto` as the CUDA build does (plan.py)
     kind: str = "prediction"
     method: str = ("weights the placement leaves on the GPU + KV cache + compute buffer (llama.cpp's allocator, "
                    "no_alloc), each below the tier minus the headroom; see `moeprep plan FILE --ctx N`")
 
 
-def cell_text(cell: Cell) -> str:
-    """A cell as the card and the CLI show it."""
-    from .files import human_bytes
+def gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= 0.05 * GIB else f"{n / 2**20:.0f} MiB"
 
+
+def cell_text(cell: Cell) -> str:
+    """A cell as the card and the CLI show it: the placement, and GPU and system memory in the units GPUs are sold in."""
     if cell.placement is None:
         return "does not fit"
     flags = " ".join(Placement(cell.placement).flags())
-    shown = f"`{flags}`; RAM {human_bytes(cell.ram_bytes)}" if flags else "all on GPU"
+    shown = (f"`{flags}`" if flags else "all on GPU") + f": GPU {gib(cell.gpu_bytes or 0)}, RAM {gib(cell.ram_bytes or 0)}"
     return shown + (" †" if cell.measured else "")
 
 
-def command(file: str, placement: str, ctx: int, flash_attn: str, threads: int) -> str:
-    flags = " ".join(Placement(placement).flags())
-    return (f"llama-server -m {file} --n-gpu-layers 999 {flags} --ctx-size {ctx} --flash-attn {flash_attn} "
-            f"--threads {threads}").replace("  ", " ")
+def command(file: str, placement: str, ctx: int, flash_attn: FlashAttn) -> str:
+    """The llama-server command for a cell, each argument shell-quoted. `--fit off`: llama-server's --fit is on by
+    default at 0c1e570 and gives up, with a warning, once --n-gpu-layers or an expert override is set
+    (common/fit.cpp); off, the command does exactly what its cell says. Threads are left to llama-server's default,
+    one per physical core of the machine it runs on."""
+    args = ["llama-server", "-m", file, "--n-gpu-layers", "999", *Placement(placement).flags(), "--ctx-size", str(ctx),
+            "--flash-attn", str(flash_attn), "--fit", "off"]
+    return shlex.join(args)
 
 
 def parse_tiers(text: str) -> list[float]:
@@ -102,10 +110,9 @@ def headroom(manifest: mf.Manifest | None, default_mib: float = HEADROOM_MIB) ->
 
 
 def table(folder_or_file: Path, *, tiers_gib: list[float] | None = None, contexts: list[int] | None = None,
-          flash_attn: str = "auto", threads: int | None = None, headroom_mib: float | None = None) -> TierTable:
+          flash_attn: FlashAttn | str = FlashAttn.AUTO, headroom_mib: float | None = None) -> TierTable:
     """The tier table for every artifact of an output directory, or for one GGUF file."""
-    from .gpu import physical_cores
-
+    flash_attn = FlashAttn(flash_attn)
     target = Path(folder_or_file)
     folder = target if target.is_dir() else target.parent
     manifest = mf.load_or_none(folder)
@@ -117,11 +124,12 @@ def table(folder_or_file: Path, *, tiers_gib: list[float] | None = None, context
         known = manifest.artifact_at(target.name) if manifest else None
         files = [(target, known.quant if known else target.stem)]
     room, room_method = headroom(manifest) if headroom_mib is None else (headroom_mib, "as given")
-    threads = threads or physical_cores()
     trained = next((a.probe.context_length for a in (manifest.artifacts if manifest else []) if a.probe), None)
+    if trained is None and not target.is_dir():
+        trained = probe(target, n_values=[]).context_length
     ctxs = contexts_for(trained, contexts)
     result = TierTable([Tier(g, c) for c in ctxs for g in (tiers_gib or TIERS_GIB)], room, room_method, ctxs,
-                       flash_attn, threads)
+                       flash_attn)
     for path, quant in files:
         artifact = manifest.artifact_at(path.name) if manifest else None
         smoke = manifest.smoke_result(artifact) if manifest and artifact else None
@@ -140,6 +148,6 @@ def table(folder_or_file: Path, *, tiers_gib: list[float] | None = None, context
                     continue
                 tier.cells.append(Cell(path.name, quant, best.placement, best.predicted_total,
                                        plan.weights_total - best.weights_on_gpu,
-                                       command(path.name, best.placement, ctx, flash_attn, threads),
+                                       command(path.name, best.placement, ctx, flash_attn),
                                        best.placement in measured))
     return result

@@ -149,3 +149,65 @@ def legacy_mixtral(path: Path, blocks: int = 2, experts: int = 4) -> Path:
                   f"blk.{b}.ffn_down.{e}.weight": (H, FF)}
     kv = {**ATTN_KV, "block_count": blocks, "feed_forward_length": FF, "expert_count": experts, "expert_used_count": 2}
     return write(path, "llama", kv, _ends(t))
+
+
+def sparse(path: Path, arch: str, kv: dict, tensors: dict[str, tuple[int, ...]], vocab: int = VOCAB) -> Path:
+    """A GGUF of `arch` whose tensor data is a hole: the metadata and tensor infos llama.cpp's no_alloc load reads,
+    every weight F16 (1-D ones F32), and a file of the size the data would take. For memory figures only."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in kv.items():
+        (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"{arch}.{key}", value)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    pieces += [f"\u2581w{i}" for i in range(vocab - len(pieces))]
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(pieces)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (vocab - 259))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    end = 0
+    for name, shape in tensors.items():
+        kind = T.F32 if len(shape) == 1 else T.F16
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        nbytes = int(np.prod(shape)) // block * size
+        w.add_tensor_info(name, shape, np.float32, nbytes, raw_dtype=kind)
+        end = w.ggml_pad(end, w.data_alignment) + nbytes
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    with open(path, "r+b") as f:
+        f.truncate(w.ggml_pad(f.seek(0, 2), w.data_alignment) + end)
+    return path
+
+
+def gpt_oss_sparse(path: Path, blocks: int = 4, experts: int = 4, window: int = 128) -> Path:
+    """A gpt-oss GGUF llama.cpp loads (attention sinks, biases, post-attention norm), as a sparse stand-in: every
+    second layer attends within a sliding window of `window` tokens, as gpt-oss's do."""
+    n_embd, heads, kv_heads, head, ff_exp = 512, 8, 2, 64, 256
+    t: dict[str, tuple[int, ...]] = {"token_embd.weight": (VOCAB, n_embd), "output_norm.weight": (n_embd,),
+                                     "output.weight": (VOCAB, n_embd)}
+    for b in range(blocks):
+        p = f"blk.{b}."
+        t |= {p + "attn_norm.weight": (n_embd,), p + "post_attention_norm.weight": (n_embd,),
+              p + "attn_q.weight": (heads * head, n_embd), p + "attn_q.bias": (heads * head,),
+              p + "attn_k.weight": (kv_heads * head, n_embd), p + "attn_k.bias": (kv_heads * head,),
+              p + "attn_v.weight": (kv_heads * head, n_embd), p + "attn_v.bias": (kv_heads * head,),
+              p + "attn_output.weight": (n_embd, heads * head), p + "attn_output.bias": (n_embd,),
+              p + "attn_sinks.weight": (heads,),
+              p + "ffn_gate_inp.weight": (experts, n_embd), p + "ffn_gate_inp.bias": (experts,)}
+        for name, shape in (("gate", (experts, ff_exp, n_embd)), ("up", (experts, ff_exp, n_embd)),
+                            ("down", (experts, n_embd, ff_exp))):
+            t[p + f"ffn_{name}_exps.weight"] = shape
+            t[p + f"ffn_{name}_exps.bias"] = (experts, shape[1])
+    kv = {"context_length": 32768, "embedding_length": n_embd, "block_count": blocks, "attention.head_count": heads,
+          "attention.head_count_kv": kv_heads, "attention.key_length": head, "attention.value_length": head,
+          "rope.dimension_count": head, "attention.sliding_window": window, "expert_count": experts,
+          "expert_used_count": 2, "expert_feed_forward_length": ff_exp, "feed_forward_length": ff_exp,
+          "attention.layer_norm_rms_epsilon": 1e-5, "rope.freq_base": 150000.0}
+    return sparse(path, "gpt-oss", kv, t)

@@ -23,11 +23,28 @@ def test_tiers_pick_the_placement_with_the_most_on_the_gpu_that_fits(converted_p
     gpu_cell, n1, cpu_moe, none = (by_size[s] for s in sizes)
     assert gpu_cell.ram_bytes == plan_file(path, 4096).token_embd_on_cpu  # all on the GPU but the input layer
     assert cpu_moe.ram_bytes > n1.ram_bytes > gpu_cell.ram_bytes
+    # --fit off: llama-server's --fit, on by default, would give up once an offload is set; threads left to its
+    # default, one per physical core of the machine the command runs on
     assert n1.command == ("llama-server -m tiny-phimoe-Q8_0.gguf --n-gpu-layers 999 --n-cpu-moe 1 --ctx-size 4096 "
-                          f"--flash-attn auto --threads {t.threads}")
+                          "--flash-attn auto --fit off")
     assert cpu_moe.command.split(" --ctx-size")[0].endswith("--cpu-moe")
-    assert cell_text(none) == "does not fit" and cell_text(gpu_cell) == "all on GPU"
-    assert cell_text(n1).startswith("`--n-cpu-moe 1`; RAM ")
+    assert cell_text(none) == "does not fit"
+    assert cell_text(gpu_cell) == f"all on GPU: GPU {gpu_cell.gpu_bytes / 2**20:.0f} MiB, RAM 0 MiB"
+    assert cell_text(n1).startswith("`--n-cpu-moe 1`: GPU ") and ", RAM " in cell_text(n1)
+
+
+def test_tiers_cells_are_in_the_units_gpus_are_sold_in():
+    from moeprep.tiers import Cell
+
+    cell = Cell("m.gguf", "Q4_K_M", "n-cpu-moe=5", int(10.26 * GIB), int(27.5 * GIB), "llama-server ...")
+    assert cell_text(cell) == "`--n-cpu-moe 5`: GPU 10.3 GiB, RAM 27.5 GiB"
+
+
+def test_tiers_commands_quote_every_argument():
+    from moeprep.tiers import command
+
+    line = command("a;$(touch x) b.gguf", "cpu-moe", 4096, "auto")
+    assert line == "llama-server -m 'a;$(touch x) b.gguf' --n-gpu-layers 999 --cpu-moe --ctx-size 4096 --flash-attn auto --fit off"
 
 
 def test_tiers_headroom_is_kept_below_each_size(converted_phimoe):
@@ -53,8 +70,8 @@ def test_tiers_every_quant_of_a_directory_and_the_card_carries_them(converted_ph
     assert CliRunner().invoke(main, ["card", str(out)]).exit_code == 0
     text = (out / "README.md").read_text()
     assert "## Which file fits your GPU (predicted, not measured)" in text
-    assert "| GPU memory | F16 | Q8_0 | Q4_K_M | Q2_K |" in text and "| 8 GiB | all on GPU |" in text
-    assert "llama-server -m tiny-phimoe-Q4_K_M.gguf --n-gpu-layers 999 --ctx-size 4096 --flash-attn auto" in text
+    assert "| GPU memory | F16 | Q8_0 | Q4_K_M | Q2_K |" in text and "| 8 GiB | all on GPU: GPU " in text
+    assert "llama-server -m tiny-phimoe-Q4_K_M.gguf --n-gpu-layers 999 --ctx-size 4096 --flash-attn auto --fit off" in text
 
 
 def test_tiers_cli_prints_a_command_per_cell_and_json(converted_phimoe):
