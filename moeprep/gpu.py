@@ -131,6 +131,18 @@ def physical_cores() -> int:
     return len(siblings) or os.cpu_count() or 1
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the kernel can give a new allocation without swapping (MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

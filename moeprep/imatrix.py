@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,9 @@ import numpy as np
 
 from . import child, progress
 from .errors import MoeprepError
-from .files import write_aside
+from .inputs import check_file
+from .limits import MAX_CALIBRATION_TEXT
+from .files import open_log, write_aside
 from .manifest import ImatrixRecord
 
 
@@ -33,13 +36,13 @@ def version() -> str:
     return f"llama-imatrix, llama.cpp {versions()['llama_cpp_commit']}"
 
 
-def _run(name: str, args: list[str], log_path: Path, what: str) -> None:
+def _run(name: str, args: list[str], log_path: Path, what: str, root: Path) -> None:
     from .libllama import program
 
     exe = program(name)
     env = dict(os.environ)
     env.pop("HF_TOKEN", None)
-    with open(log_path, "w", encoding="utf-8") as log, progress.bar(what, None, unit="s") as bar:
+    with open_log(log_path, root=root) as log, progress.bar(what, None, unit="s") as bar:
         rc = child.run([str(exe), *args], log=log, env=env, tick=lambda: bar.update(0.5))
     if rc != 0:
         text = log_path.read_text(encoding="utf-8", errors="replace")
@@ -48,30 +51,40 @@ def _run(name: str, args: list[str], log_path: Path, what: str) -> None:
                         f"the full log is {log_path}")
 
 
-def compute(model: Path, text: Path, out: Path, log_path: Path, ctx: int = 512, chunks: int = 0) -> None:
-    """llama-imatrix over `text` with `model` (the F16), written to `out` (aside, then renamed)."""
-    if not Path(text).is_file():
-        raise MoeprepError(f"calibration text {text} not found", "give a plain-text file")
-    with write_aside(out) as tmp:
+def compute(model: Path, text: Path, out: Path, log_path: Path, ctx: int = 512, chunks: int = 0, *,
+            root: Path | None = None, protected: Collection[str] = ()) -> None:
+    """llama-imatrix over `text` with `model` (the F16), written to `out` (aside, then renamed) inside `root`
+    (default: the directory `out` is in), never over a file in `protected`."""
+    check_text(text)
+    root = Path(root) if root is not None else Path(out).parent
+    with write_aside(out, root=root, protected=protected) as tmp:
         args = ["-m", str(model), "-f", str(text), "-o", str(tmp), "-c", str(ctx), "--no-ppl"]
         if chunks:
             args += ["--chunks", str(chunks)]
-        _run("llama-imatrix", args, log_path, f"imatrix ← {Path(text).name}")
-        if not tmp.is_file():
-            # older llama-imatrix builds add their own suffix; take the file it wrote
-            written = sorted(tmp.parent.glob(tmp.name + "*"))
-            if not written:
-                raise ToolError("llama-imatrix wrote no file", f"see {log_path}")
-            written[0].replace(tmp)
+        _run("llama-imatrix", args, log_path, f"imatrix ← {Path(text).name}", root)
+        if tmp.stat().st_size == 0:
+            raise ToolError("llama-imatrix wrote no importance matrix", f"see {log_path}")
+
+
+def check_text(text: Path) -> None:
+    """A calibration text llama-imatrix can read to its end: a regular file of bounded size."""
+    check_file(text, MAX_CALIBRATION_TEXT, "calibration text", "give a plain-text file")
 
 
 def make(model: Path, text: Path, out: Path, ctx: int = 512, chunks: int = 0) -> ImatrixRecord:
     """`moeprep imatrix`: compute it, and describe it as the manifest records one."""
+    from . import manifest as mf
     from .files import sha256_file
-    from .probe import read
+    from .probe import probe
 
-    read(model)  # a missing, truncated or non-GGUF model is refused here, not by llama-imatrix's "failed to init"
-    compute(model, text, out, out.with_name(out.stem + ".log"), ctx, chunks)
+    check_text(text)
+    trained = probe(model, n_values=[]).context_length  # also refuses a missing, truncated or non-GGUF model
+    if trained and ctx > trained:
+        raise MoeprepError(f"--ctx {ctx} is longer than the {trained} tokens {model.name} was trained for",
+                           f"give --ctx {trained} or less")
+    listed = mf.load_or_none(out.parent)  # --out may name any file: never one its directory's manifest lists
+    protected = listed.listed() if listed else {mf.FILENAME}
+    compute(model, text, out, out.with_name(out.stem + ".log"), ctx, chunks, protected=protected)
     return ImatrixRecord(out.name, sha256_file(out), _model_sha256(model), text.name, sha256_file(text), ctx, chunks,
                          [], version())
 

@@ -197,7 +197,8 @@ def loaded_model(path: Path, patterns: list[str] = (), *, no_alloc: bool = False
     try:
         yield model
     finally:
-        ll.llama_model_free(model)
+        with capture_log(lambda level, text: None):  # freeing logs too, at debug level: not for the user's terminal
+            ll.llama_model_free(model)
         del array  # only now may the override strings go
 
 
@@ -236,7 +237,8 @@ def new_context(model, params: ContextParams, *, log: list[str] | None = None, w
     try:
         yield ctx
     finally:
-        ll.llama_free(ctx)
+        with capture_log(lambda level, text: None):
+            ll.llama_free(ctx)
         if pool:
             _cpu_lib().ggml_threadpool_free(pool)
 
@@ -344,11 +346,21 @@ class Generation:
 class Session:
     """A loaded model and one context on it, as smoke measures them."""
 
-    def __init__(self, model, ctx):
+    def __init__(self, model, ctx, params: ContextParams):
         from llama_cpp import llama_cpp as ll
 
-        self.model, self.ctx = model, ctx
+        self.model, self.ctx, self.params = model, ctx, params
         self.vocab = ll.llama_model_get_vocab(model)
+
+    def check_fits(self, prompt: list[int], n_new: int) -> None:
+        """The prompt as one batch and the tokens to generate, against the context: llama_decode would fail midway."""
+        from .errors import MoeprepError
+
+        p = self.params
+        if len(prompt) + n_new > p.n_ctx or len(prompt) > p.n_batch:
+            raise MoeprepError(f"the prompt ({len(prompt)} tokens) and {n_new} tokens to generate do not fit a "
+                               f"context of {p.n_ctx} tokens with a batch of {p.n_batch}",
+                               f"give --ctx {len(prompt) + n_new} or more, or fewer --tokens")
 
     def tokenize(self, text: bytes) -> list[int]:
         return tokenize(self.vocab, text)
@@ -372,6 +384,7 @@ class Session:
 
         from .errors import MoeprepError
 
+        self.check_fits(prompt, 0)
         ctx = self.ctx
         ll.llama_memory_clear(ll.llama_get_memory(ctx), False)
         ll.llama_perf_context_reset(ctx)
@@ -391,6 +404,7 @@ class Session:
 
         from .errors import MoeprepError
 
+        self.check_fits(prompt, n_new)
         lib, ctx = _lib(), self.ctx
         # The cells alone, as llama-bench clears between runs: zeroing the buffers too would push a small model's
         # weights out of the CPU's caches just before the timed decode.
@@ -436,7 +450,7 @@ class Session:
 def session(path: Path, patterns: list[str], params: ContextParams, log: list[str]) -> Iterator[Session]:
     """`path` loaded with every layer offloaded and `patterns` on the CPU, with one context of `params`."""
     with loaded_model(path, patterns, log=log) as model, new_context(model, params, log=log) as ctx:
-        yield Session(model, ctx)
+        yield Session(model, ctx, params)
 
 
 def tokenize(vocab, data: bytes) -> list[int]:

@@ -6,6 +6,7 @@ The holder's pid and command are written into the lock file so the refusal can n
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from contextlib import contextmanager
@@ -26,8 +27,12 @@ def locked(out: Path, what: str = "moeprep") -> Iterator[None]:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a link planted under the lock's name would make the holder's pid line overwrite its target
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise MoeprepError(f"{out / LOCK} is a symbolic link, which moeprep did not make and will not write "
+                               "through", f"remove it, or write into another directory than {out}") from None
         raise MoeprepError(f"cannot write into {out} ({e.strerror})", "choose another output directory") from None
     try:
         try:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from .errors import MoeprepError
 from .files import write_json
@@ -22,6 +26,31 @@ from .results import FileResult, SmokeReport
 FORMAT = "moeprep.manifest/2"
 FORMAT_V1 = "moeprep.manifest/1"  # read and upgraded on load
 FILENAME = "manifest.json"
+MAX_BYTES = 64 * 2**20  # a manifest of every figure of a 100-file directory is a few MB; anything larger is not one
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def _file_in_directory(parts: int):
+    """A path the manifest may name: relative, POSIX, `parts` components at most, each a plain name (no `..`, no
+    absolute path, nothing hidden), ending in .gguf. Every later stage joins it to the output directory."""
+    def check(path: str) -> str:
+        p = PurePosixPath(path)
+        if (p.is_absolute() or "\\" in path or not 1 <= len(p.parts) <= parts or path != str(p)
+                or not all(_NAME.fullmatch(part) for part in p.parts) or p.suffix != ".gguf"):
+            raise ValueError(f"{path[:80]!r} is not a GGUF file name inside the directory")
+        return path
+    return check
+
+
+def _quant_name(name: str) -> str:
+    if not _NAME.fullmatch(name) or len(name) > 64:
+        raise ValueError(f"{name[:80]!r} is not a quant name")
+    return name
+
+
+FileName = Annotated[str, AfterValidator(_file_in_directory(1))]  # an artifact or the imatrix, beside the manifest
+ShardName = Annotated[str, AfterValidator(_file_in_directory(2))]  # QUANT/<name>-0000i-of-0000n.gguf
+QuantName = Annotated[str, AfterValidator(_quant_name)]
 
 
 @dataclass
@@ -59,7 +88,7 @@ class ArtifactSettings:
 
 @dataclass
 class Shard:
-    path: str  # relative to the manifest, e.g. Q4_K_M/<name>-00001-of-00003.gguf
+    path: ShardName  # relative to the manifest, e.g. Q4_K_M/<name>-00001-of-00003.gguf
     size: int
     sha256: str
     made_from: str | None = None  # sha256 of the artifact it was split from
@@ -68,8 +97,8 @@ class Shard:
 
 @dataclass
 class Artifact:
-    path: str  # relative to the manifest
-    quant: str  # "F16", "Q4_K_M", ...
+    path: FileName  # relative to the manifest
+    quant: QuantName  # "F16", "Q4_K_M", ...
     size: int
     sha256: str
     stage: str  # "convert" or "quantize"
@@ -91,7 +120,7 @@ class Artifact:
 
 @dataclass
 class ImatrixRecord:
-    path: str
+    path: FileName
     sha256: str
     made_from: str  # sha256 of the F16
     text: str  # calibration text, by name
@@ -130,6 +159,10 @@ class Manifest:
     def probe(self) -> ProbeReport | None:
         """The converted file's probe: the model's architecture facts."""
         return self.base.probe if self.base else None
+
+    def listed(self) -> set[str]:
+        """Every file this manifest vouches for, and itself: what no write may replace unless it makes them again."""
+        return {FILENAME} | {a.path for a in self.artifacts} | {s.path for a in self.artifacts for s in a.shards}
 
     def put(self, artifact: Artifact) -> None:
         self.artifacts = [a for a in self.artifacts if a.quant != artifact.quant] + [artifact]
@@ -174,12 +207,18 @@ class Manifest:
             raise MoeprepError(f"unsupported manifest format {data.get('format')!r} (this moeprep reads {FORMAT})",
                                "convert again into a fresh directory")
         try:
-            return _adapter().validate_python(data)
+            manifest = _adapter().validate_python(data)
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise MoeprepError(f"not a valid moeprep manifest: {where}: {first['msg']}",
+            why = first["msg"].removeprefix("Value error, ")[:200]
+            raise MoeprepError(f"not a valid moeprep manifest: {where}: {why}",
                                "convert again into a fresh directory") from e
+        for a in manifest.artifacts:
+            if stray := [s.path for s in a.shards if not s.path.startswith(f"{a.quant}/")]:
+                raise MoeprepError(f"not a valid moeprep manifest: {a.path}'s shard {stray[0]!r} is outside its "
+                                   f"folder {a.quant}/", "convert again into a fresh directory")
+        return manifest
 
 
 @cache
@@ -221,16 +260,33 @@ def path_in(directory: Path) -> Path:
 
 def load(directory: Path) -> Manifest:
     path = path_in(directory)
+    if path.is_symlink():  # one planted here would make every later save write through it
+        raise MoeprepError(f"{path} is a symbolic link, which moeprep did not make", "remove it, or use another directory")
+    return read(path)
+
+
+def read(path: Path) -> Manifest:
+    """A manifest file, read with its size bounded and every record checked (the Hub's cache may link to it)."""
+    path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.exists() and not path.is_file():
+            raise MoeprepError(f"{path} is not a plain file", "give an output directory of `moeprep convert`")
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
     except FileNotFoundError:
         raise MoeprepError(f"no manifest at {path}", "run `moeprep convert` into that directory first") from None
     except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
         raise MoeprepError(f"cannot read {path} ({e.strerror})", "give an output directory of `moeprep convert`") from None
+    if len(data) > MAX_BYTES:
+        raise MoeprepError(f"{path} is larger than {MAX_BYTES // 2**20} MiB, so it is not a moeprep manifest",
+                           "convert again into a fresh directory")
     try:
-        return Manifest.from_dict(json.loads(text))
-    except json.JSONDecodeError as e:
-        raise MoeprepError(f"{path} is not valid JSON ({e})", "convert again into a fresh directory") from e
+        return Manifest.from_dict(json.loads(data.decode("utf-8")))
+    except UnicodeDecodeError:
+        raise MoeprepError(f"{path} is not UTF-8 text, so it is not a moeprep manifest",
+                           "convert again into a fresh directory") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise MoeprepError(f"{path} is not valid JSON ({str(e)[:120]})", "convert again into a fresh directory") from None
     except MoeprepError as e:
         raise MoeprepError(f"{path}: {e.message}", e.hint) from e
 

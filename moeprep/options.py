@@ -15,7 +15,7 @@ def quant_options(fn):
     from .mixes import MIXES  # pure data, no llama.cpp: cheap enough for --help
 
     mixes = "; ".join(f"{m.name}: {m.base} base, {m.about}" for m in MIXES.values())
-    fn = click.option("--threads", type=click.IntRange(0), default=0, help="Quantizer threads (0: all cores).")(fn)
+    fn = click.option("--threads", type=click.IntRange(0, 512), default=0, help="Quantizer threads (0: all cores).")(fn)
     fn = click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
                       help="Give tensors whose name matches the regular expression PATTERN the ggml type TYPE "
                            "(Q8_0, Q6_K, Q4_K, ...), as llama-quantize's --tensor-type; repeat for more, the first "

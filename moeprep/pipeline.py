@@ -22,7 +22,7 @@ from . import probe as probe_stage
 from . import progress
 from . import quantize as quantize_stage
 from .errors import MoeprepError
-from .files import check_free_space, sha256_file
+from .files import check_free_space, remove, sha256_file
 from .manifest import Artifact, ArtifactSettings, ImatrixRecord, Manifest
 from .outcome import Outcome, Status, quiet
 from .tools import versions
@@ -147,9 +147,7 @@ def convert_model(source: str, *, out: Path | None = None, outtype: str = "f16",
         outcome.kept.append(base)
     else:
         status(f"converting {model.architecture} ({model.n_params / 1e6:.1f}M parameters) to {base}")
-        logs = out / "logs"
-        logs.mkdir(exist_ok=True)
-        convert_stage.convert(model, out / base, outtype, logs / f"convert-{outtype}.log", name,
+        convert_stage.convert(model, out / base, outtype, out / "logs" / f"convert-{outtype}.log", name,
                               recorder(out, out / base, manifest, [], outtype.upper(), "convert", fingerprint, settings))
         outcome.made.append(base)
     outcome.notes += _drop_stale(out, manifest, manifest.artifact(outtype.upper()))
@@ -169,11 +167,9 @@ def _drop_stale(out: Path, manifest: Manifest, base: Artifact) -> list[str]:
     notes = []
     for a in [a for a in manifest.artifacts if a is not base and (a.stage == "convert" or a.made_from != base.sha256)]:
         manifest.remove(a)
-        (out / a.path).unlink(missing_ok=True)
-        for s in a.shards:
-            (out / s.path).unlink(missing_ok=True)
+        remove(out, out / a.path)
         if a.shards:
-            shutil.rmtree(out / a.quant, ignore_errors=True)
+            remove(out, out / a.quant)
         notes.append(f"removed {a.path}: it was made from an earlier {base.quant}, not the current one")
     if manifest.imatrix and manifest.imatrix.made_from != base.sha256:
         manifest.imatrix = None
@@ -267,6 +263,7 @@ def _imatrix(out: Path, manifest: Manifest, f16: Artifact, spec: ImatrixSpec, st
     """Compute the importance matrix from the F16 unless the recorded one is for the same F16, text and settings."""
     from . import imatrix as imatrix_stage
 
+    imatrix_stage.check_text(spec.text)
     text_sha = sha256_file(spec.text)
     old = manifest.imatrix
     path = out / "imatrix.gguf"
@@ -275,7 +272,6 @@ def _imatrix(out: Path, manifest: Manifest, f16: Artifact, spec: ImatrixSpec, st
             and path.is_file() and sha256_file(path) == old.sha256):
         return old
     status(f"computing the importance matrix on {spec.text.name}")
-    (out / "logs").mkdir(exist_ok=True)
     imatrix_stage.compute(out / f16.path, spec.text, path, out / "logs" / "imatrix.log", spec.ctx, spec.chunks)
     manifest.imatrix = ImatrixRecord(path.name, sha256_file(path), f16.sha256, spec.text.name, text_sha, spec.ctx,
                                      spec.chunks, spec.quants, imatrix_stage.version())

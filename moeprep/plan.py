@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import manifest as mf
+from .llamalog import parse_log
 from .placement import Placement as Spec
 from .probe import ProbeReport, probe
 from .results import Buffer, FileResult, FlashAttn
@@ -129,8 +130,6 @@ class Simulation:
 
 def read_simulation(text: str, placement: str | None, seconds: float = 0.0) -> Simulation:
     """The applied context settings, the memory and the compute buffers in a llama.cpp context-creation log."""
-    from .smoke import parse_log
-
     log = parse_log(text)
     compute = [b for b in log.buffers if b.kind == "compute"]
     if not compute or not {"n_ctx", "n_batch", "n_ubatch"} <= log.context.keys():

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import IntegrityError, MoeprepError
-from .placement import CPU_MOE_PATTERN, n_cpu_moe_patterns  # noqa: F401  (probe's vocabulary, re-exported)
+from .placement import CPU_MOE_PATTERN, MAX_BLOCKS, n_cpu_moe_patterns  # noqa: F401  (probe's vocabulary)
 from .placement import Placement as Spec
 
 _EXPERT = re.compile(CPU_MOE_PATTERN)
@@ -18,6 +18,7 @@ _SHARED = re.compile(r"_shexp\b")
 _ROUTER = re.compile(r"\.(ffn_gate_inp|exp_probs_b)\.")
 _LEGACY = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
+MAX_EXPERTS = 4096
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,15 @@ def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
 
     block_count = key("block_count")
     expert_count = key("expert_count")
+    # Counts from the header size what follows (a placement per block, a row per expert): a file that claims more
+    # than any model has, or more blocks than its tensors have, is damaged or crafted, and is refused here.
+    blocks_seen = max((int(m.group(1)) + 1 for t in tensors if (m := _BLOCK.match(t.name))), default=0)
+    if not 0 <= (block_count or 0) <= MAX_BLOCKS or (block_count or 0) > max(blocks_seen, 1) * 2:
+        raise IntegrityError(f"{path} claims {block_count} blocks and has tensors for {blocks_seen}",
+                             "rerun the stage that wrote it, or download it again")
+    if not 0 <= (expert_count or 0) <= MAX_EXPERTS:
+        raise IntegrityError(f"{path} claims {expert_count} experts; no model has over {MAX_EXPERTS}",
+                             "rerun the stage that wrote it, or download it again")
     notes: list[str] = []
     loadable = True
     if legacy:
@@ -273,8 +283,25 @@ def _place(tensors: list[TensorInfo], spec: Spec) -> Placement:
 
 
 def placements(tensors: list[TensorInfo], n_values: list[int]) -> list[Placement]:
-    specs = [Spec("gpu"), Spec("cpu-moe")] + [Spec(f"n-cpu-moe={n}") for n in n_values]
-    return [_place(tensors, s) for s in specs]
+    """gpu, cpu-moe and n-cpu-moe=N for each N, in one pass over the tensors: --n-cpu-moe N moves exactly the
+    --cpu-moe tensors of blocks 0..N-1 (its patterns are `blk\\.i` + --cpu-moe's), so each N is a running sum."""
+    every = _place(tensors, Spec("cpu-moe"))
+    out = [_place(tensors, Spec("gpu")), every]
+    if not n_values:
+        return out
+    total_on_gpu = out[0].bytes_on_gpu
+    per_block: dict[int, tuple[int, int]] = {}
+    for t in tensors:
+        if (m := _BLOCK.match(t.name)) and _EXPERT.search(t.name):
+            count, size = per_block.get(int(m.group(1)), (0, 0))
+            per_block[int(m.group(1))] = (count + 1, size + t.bytes)
+    moved_n = moved_b = 0
+    for n in range(1, max(n_values) + 1):
+        count, size = per_block.get(n - 1, (0, 0))
+        moved_n, moved_b = moved_n + count, moved_b + size
+        if n in n_values:
+            out.append(Placement(f"n-cpu-moe={n}", moved_n, moved_b, total_on_gpu - moved_b))
+    return out
 
 
 def expected_overrides(report: ProbeReport, spec: Spec) -> list[str]:

@@ -84,8 +84,8 @@ def _stand_in(out: Path, staged: Staged, a: mf.Artifact, status: Status) -> bool
                            "run the release's prepare job again")
     status(f"reading the header of {a.path} from {staged.repo_id}@{staged.branch}")
     data = download(staged.repo_id, header_path(a.path), staged.commit).read_bytes()
-    with write_aside(target) as tmp:
-        with open(tmp, "wb") as f:
+    with write_aside(target, root=out) as tmp:
+        with open(tmp, "r+b") as f:
             f.write(data)
             f.truncate(a.size)
     return True

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MoeprepError
+from .inputs import read_text
+from .limits import MAX_EVAL_TEXT
 from .results import GreedyAgreement, Quality
 
 EVAL_TEXT = "eval-en.txt"  # moeprep/data/: original prose written for moeprep, MIT (see moeprep/data/README.md)
@@ -61,17 +63,9 @@ def eval_text(path: Path | None = None) -> EvalText:
         name = EVAL_TEXT
     else:
         path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-            raise MoeprepError(f"cannot read the evaluation text {path} ({e.strerror})",
-                               "give a UTF-8 text file, or leave --quality-text out for moeprep's own") from None
+        raw = read_text(path, MAX_EVAL_TEXT, "the evaluation text",
+                        "give a UTF-8 text file, or leave --quality-text out for moeprep's own").encode("utf-8")
         name = path.name
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise MoeprepError(f"the evaluation text {path} is not UTF-8 text",
-                               "give a UTF-8 text file, or leave --quality-text out for moeprep's own") from None
     return EvalText(name, hashlib.sha256(raw).hexdigest(), raw.removesuffix(b"\n"))
 
 

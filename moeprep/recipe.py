@@ -16,9 +16,12 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from . import hub as hub_ids, placement
 from .errors import MoeprepError
+from .inputs import KIB, load_yaml, read_text, short
+from .limits import MAX_CHUNKS, MAX_CTX, MAX_RUNS, MAX_TOKENS
 from .units import parse_size
 
 FIX = "fix the recipe"
+MAX_BYTES = 256 * KIB  # a recipe is a screenful of YAML
 
 
 class _Invalid(ValueError):
@@ -95,18 +98,18 @@ class Source(Section):
 class Imatrix(Section):
     calibration: str  # a text file, relative to the recipe
     quants: QuantsOrMixes  # the quants and mixes made with it
-    ctx: int = Field(512, ge=32)  # the same bounds as `moeprep imatrix`
-    chunks: int = Field(0, ge=0)  # 0: the whole text
+    ctx: int = Field(512, ge=32, le=MAX_CTX)  # the same bounds as `moeprep imatrix`
+    chunks: int = Field(0, ge=0, le=MAX_CHUNKS)  # 0: the whole text
 
 
 class Smoke(Section):
-    placements: list[PlacementName] = ["gpu", "cpu-moe"]
-    ctx: int = Field(4096, ge=64)  # the same bounds as `moeprep smoke`
-    runs: int = Field(3, ge=1)
-    tokens: int = Field(64, ge=2)  # decode speed needs two tokens: it is timed from the first
+    placements: list[PlacementName] = Field(["gpu", "cpu-moe"], max_length=64)
+    ctx: int = Field(4096, ge=64, le=MAX_CTX)  # the same bounds as `moeprep smoke`
+    runs: int = Field(3, ge=1, le=MAX_RUNS)
+    tokens: int = Field(64, ge=2, le=MAX_TOKENS)  # decode speed needs two tokens: it is timed from the first
     # KL divergence chunks of the evaluation text (0: all of it). A release measures quality on the prepare
     # runner's CPU, once per file: fewer chunks bound that time for an 80 GB model.
-    quality_chunks: int = Field(0, ge=0)
+    quality_chunks: int = Field(0, ge=0, le=MAX_CHUNKS)
 
 
 def _branch(name: str) -> str:
@@ -150,9 +153,9 @@ class Recipe(Section):
     name: str
     source: Source
     hub: Hub
-    quants: Quants = ["Q8_0", "Q4_K_M", "Q2_K"]
-    mix: Mixes = []  # named mixes made besides the quants: <name>-<mix>.gguf
-    tensor_types: TensorTypes = []  # PATTERN=TYPE rules for every quant and mix, first match wins
+    quants: Quants = Field(["Q8_0", "Q4_K_M", "Q2_K"], max_length=64)
+    mix: Mixes = Field([], max_length=16)  # named mixes made besides the quants: <name>-<mix>.gguf
+    tensor_types: TensorTypes = Field([], max_length=64)  # PATTERN=TYPE rules for every quant and mix, first match wins
     outtype: Literal["f16", "bf16", "f32"] = "f16"
     imatrix: Imatrix | None = None
     smoke: Smoke = Field(default_factory=Smoke)
@@ -194,14 +197,11 @@ def load(path: Path) -> Recipe:
     if path.is_dir():
         example = next(iter(sorted(path.glob("*.yaml"))), path / "x.yaml")  # a real one where there is one
         raise MoeprepError(f"{path} is a directory", f"give one recipe file, e.g. {example}")
+    text = read_text(path, MAX_BYTES, "recipe", "give the path of a recipes/*.yaml file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MoeprepError(f"recipe {path} not found", "give the path of a recipes/*.yaml file") from None
-    except UnicodeDecodeError:
-        raise MoeprepError(f"{path} is not UTF-8 text", "give the path of a recipes/*.yaml file") from None
+        data = load_yaml(text)
     except yaml.YAMLError as e:
-        raise MoeprepError(f"{path} is not valid YAML ({str(e).splitlines()[0]})", FIX) from e
+        raise MoeprepError(f"{path} is not valid YAML ({str(e).splitlines()[0][:120]})", FIX) from None
     if not isinstance(data, dict):
         raise MoeprepError(f"{path} holds {'nothing' if data is None else f'a {type(data).__name__}'}, not recipe keys",
                            "start from one of recipes/*.yaml")
@@ -222,18 +222,19 @@ def _error(path: Path, e: ValidationError) -> MoeprepError:
     if kind in ("extra_forbidden", "invalid_key"):  # invalid_key: YAML read `1:` or `yes:` as a number or bool
         section = Recipe.model_fields[loc[0]].annotation if len(loc) > 1 else Recipe
         known = next(k for k in get_args(section) or [section] if k is not type(None)).model_fields
-        return MoeprepError(f"{where}unknown key {loc[-1]!r}", f"known keys: {', '.join(sorted(known))}")
+        return MoeprepError(f"{where}unknown key {short(loc[-1])}", f"known keys: {', '.join(sorted(known))}")
     if kind == "missing":
         return MoeprepError(f"{where}missing key {loc[-1]!r}", "add it to the recipe")
-    got = "nothing" if value is None else f"{type(value).__name__} {value!r}"  # `hub:` with no value is None
+    got = "nothing" if value is None else f"{type(value).__name__} {short(value)}"  # `hub:` with no value is None
     must = {"int_type": f"an integer, not {got}", "bool_type": f"true or false, not {got}",  # in a recipe's words
             "string_type": f"a string, not {got}", "list_type": f"a list, not {got}",
             "model_type": f"a mapping, not {got}",
-            "greater_than_equal": f"at least {ctx.get('ge')} (got {value!r})",
-            "literal_error": f"{ctx.get('expected')}, not {value!r}"}
+            "greater_than_equal": f"at least {ctx.get('ge')} (got {short(value)})",
+            "less_than_equal": f"at most {ctx.get('le')} (got {short(value)})",
+            "literal_error": f"{ctx.get('expected')}, not {short(value)}"}
     if kind in must:
         return MoeprepError(f"{path}: {key} must be {must[kind]}", FIX)
-    return MoeprepError(f"{path}: {key}: {first['msg']} (got {value!r})", FIX)
+    return MoeprepError(f"{path}: {key}: {first['msg'][:120]} (got {short(value)})", FIX)
 
 
 def discover(folder: Path) -> list[Path]:

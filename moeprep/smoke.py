@@ -9,7 +9,7 @@ is the evidence of where each tensor went and what the context ran with.
 
 from __future__ import annotations
 
-import re
+import os
 import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
@@ -22,57 +22,13 @@ from . import quality as _quality  # run() has a parameter named quality
 from . import manifest as mf
 from . import placement as placements_
 from .errors import MoeprepError
-from .files import sha256_file
+from .files import human_bytes, sha256_file
 from .libllama import ContextParams, loaded_model, new_context, session, tokenize
+from .llamalog import LoadLog, parse_log
 from .outcome import Outcome, Status, quiet
 from .placement import Placement
 from .probe import expected_overrides, probe
-from .results import (Buffer, FileResult, FlashAttn, Override, PlacementResult, Quality, Runtime, SmokeReport,
-                      SmokeSettings, Statistic, Tokens, Vram)
-
-_OVERRIDE = re.compile(r"^tensor (\S+) \((\d+) MiB (\S+)\) buffer type overridden to (\S+)")
-_BUFFER = re.compile(r"^(\w+):\s+(\S+)\s+(model|KV|RS|compute|output) buffer size =\s*([\d.]+) MiB")
-_CONTEXT = re.compile(r"^llama_context: (n_ctx|n_batch|n_ubatch|n_seq_max|flash_attn|kv_unified)\s+= (\S+)")
-# llama_context::resolve_fused_ops (src/llama-context.cpp) resolves flash attention `auto` as the context is made:
-# "Flash Attention enabled", or, where the backend lacks the kernel, "Flash Attention not supported, set to disabled".
-_FLASH_RESOLVED = re.compile(r"resolve_fused_ops: Flash Attention (enabled|not supported)")
-# The KV cache and recurrent state as llama.cpp sizes them; logged with no_alloc too, where the buffers are empty.
-_MEMORY = re.compile(r"^(llama_kv_cache|llama_memory_recurrent): size =\s*([\d.]+) MiB")
-
-
-@dataclass
-class LoadLog:
-    overridden: list[Override]
-    buffers: list[Buffer]
-    context: dict[str, str]  # llama_context's own n_ctx, n_batch, n_ubatch, n_seq_max, flash_attn, kv_unified
-    flash_attn_used: bool | None = None  # what flash attention ran as; None where the log does not say
-    memory_mib: float = 0.0  # every KV cache and recurrent state, as llama.cpp sized them
-
-    @property
-    def flash_attn(self) -> FlashAttn | None:
-        """What the context was asked for, from llama.cpp's `flash_attn = enabled|disabled|auto`."""
-        return FlashAttn.parse(self.context["flash_attn"]) if "flash_attn" in self.context else None
-
-
-def parse_log(text: str) -> LoadLog:
-    """The overridden tensors, per-device buffer sizes, memory and context settings in a llama.cpp load log."""
-    log = LoadLog([], [], {})
-    for line in text.splitlines():
-        line = line.strip()
-        if m := _OVERRIDE.match(line):
-            log.overridden.append(Override(m.group(1), m.group(3), m.group(4)))
-        elif m := _BUFFER.match(line):
-            log.buffers.append(Buffer(m.group(2), m.group(3), float(m.group(4)), m.group(1)))
-        elif m := _CONTEXT.match(line):
-            log.context[m.group(1)] = m.group(2)
-        elif m := _MEMORY.match(line):
-            log.memory_mib += float(m.group(2))
-        elif m := _FLASH_RESOLVED.search(line):
-            log.flash_attn_used = m.group(1) == "enabled"
-    if log.flash_attn_used is None and log.flash_attn in (FlashAttn.ON, FlashAttn.OFF):
-        log.flash_attn_used = log.flash_attn is FlashAttn.ON  # on or off as asked: llama.cpp resolves nothing
-    return log
-
+from .results import FileResult, PlacementResult, Quality, Runtime, SmokeReport, SmokeSettings, Statistic, Tokens, Vram
 
 def runtime(log: LoadLog, params: ContextParams) -> Runtime:
     def number(key: str) -> int | None:
@@ -339,11 +295,12 @@ def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path 
         _check_unchanged(t)
     if not targets:
         return outcome
-    blocks = probe(targets[0].path, n_values=[]).block_count  # N of n-cpu-moe=N is bounded before any work
-    for name in settings.placements:
-        placements_.parse(name, blocks)
+    first = probe(targets[0].path, n_values=[])
+    for name in settings.placements:  # N of n-cpu-moe=N is bounded by the model before any work
+        placements_.parse(name, first.block_count)
     if reference is None and quality and manifest is not None and manifest.base is not None:
         reference = out / manifest.base.path
+    check_bounds(settings, first, targets[0].path, quality=reference is not None)
 
     nvml, nvml_status = gpu.nvml()
     backend = backends([d for d in devices() if d["type"] != "CPU"]) or ["CPU"]
@@ -369,6 +326,39 @@ def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path 
         mf.save(out, manifest)
     outcome.result = report
     return outcome
+
+
+def check_bounds(settings: SmokeSettings, report, path: Path, *, quality: bool) -> None:
+    """Every setting that becomes an allocation, against the model and this machine, before anything is loaded:
+    the contexts against the trained context, threads against the CPUs, and on a build without a GPU (where the
+    KV cache and compute buffer are host memory) what llama.cpp would allocate against the memory available."""
+    trained = report.context_length
+    for what, ctx in (("--ctx", settings.ctx), ("--quality-ctx", settings.quality_ctx if quality else 0)):
+        if trained and ctx > trained:
+            raise MoeprepError(f"{what} {ctx} is longer than the {trained} tokens {path.name} was trained for",
+                               f"give {what} {trained} or less")
+    cpus = os.cpu_count() or 1
+    if settings.threads and settings.threads > cpus:
+        raise MoeprepError(f"--threads {settings.threads} is more than the {cpus} CPUs this machine has",
+                           f"give --threads {cpus} or less, or leave it out for one per physical core")
+    from .libllama import devices, simulate_context
+    from .plan import read_simulation
+
+    if any(d["type"] in ("GPU", "IGPU") for d in devices()):
+        return  # the caches go to the GPU, and llama.cpp refuses what does not fit there with its own reason
+    available = gpu.available_memory()
+    contexts = [context_params(settings)]
+    if quality:
+        chunks = _quality.chunking(settings.quality_ctx, settings.n_batch, settings.n_ubatch)
+        contexts.append(ContextParams(n_ctx=chunks.n_ctx, n_batch=chunks.n_batch, n_ubatch=chunks.n_ubatch,
+                                      n_seq_max=chunks.n_seq, kv_unified=False, threads=1))
+    for params in contexts:
+        sim = read_simulation(simulate_context(path, patterns=[], params=params), None)
+        need = sim.kv + sim.compute
+        if available is not None and need > available:
+            raise MoeprepError(f"a context of {params.n_ctx} tokens for {path.name} needs {human_bytes(need)} for its "
+                               f"KV cache and compute buffer, and this machine has {human_bytes(available)} available",
+                               "lower --ctx, --quality-ctx or --batch")
 
 
 def resolved(settings: SmokeSettings, quality_text: Path | None = None) -> tuple[SmokeSettings, _quality.EvalText]:

@@ -8,13 +8,12 @@ the set from the first shard. Tensor bytes are streamed from the reader's memory
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from . import progress
 
 
-def split(src: Path, out_dir: Path, max_bytes: int, before_rename=None) -> list[Path]:
+def split(src: Path, out_dir: Path, max_bytes: int, before_rename=None, *, root: Path) -> list[Path]:
     """Write `src` as shards of at most `max_bytes` of tensor data into `out_dir` (aside, then renamed).
 
     `before_rename(shards)` sees the complete shards in the work folder before the folder takes its name,
@@ -22,11 +21,13 @@ def split(src: Path, out_dir: Path, max_bytes: int, before_rename=None) -> list[
     """
     import gguf
 
+    from .files import make_dirs, remove
+
     reader = gguf.GGUFReader(src, "r")
     arch = str(reader.fields["general.architecture"].contents())
     work = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    remove(root, work)
+    make_dirs(root, work)
     writer = gguf.GGUFWriter(work / src.name, arch, split_max_size=max_bytes)
     for field in reader.fields.values():
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith(("GGUF.", "split.")):
@@ -45,7 +46,7 @@ def split(src: Path, out_dir: Path, max_bytes: int, before_rename=None) -> list[
             bar.update(int(t.n_bytes))
     writer.close()
     shards = sorted(work.iterdir())
-    shutil.rmtree(out_dir, ignore_errors=True)
+    remove(root, out_dir)
     if before_rename is not None:
         before_rename(shards)
     os.replace(work, out_dir)
@@ -79,7 +80,7 @@ def shard_artifacts(out: Path, manifest, max_bytes: int, *, dry_run: bool = Fals
             a.shards = [Shard(f"{a.quant}/{p.name}", p.stat().st_size, sha256_file(p), a.sha256, max_bytes) for p in work]
             mf.save(out, manifest)
 
-        split(out / a.path, out / a.quant, max_bytes, before_rename=record)
+        split(out / a.path, out / a.quant, max_bytes, before_rename=record, root=out)
     return notes
 
 

@@ -105,6 +105,9 @@ def download(repo_id: str, path: str, revision: str) -> Path:
 
 def read_json(repo_id: str, path: str, revision: str) -> object:
     local = download(repo_id, path, revision)
+    if local.stat().st_size > mf.MAX_BYTES:
+        raise MoeprepError(f"{repo_id}@{revision}: {path} is larger than {mf.MAX_BYTES // 2**20} MiB, so moeprep did "
+                           "not write it", "run the job that wrote it again")
     try:
         return json.loads(local.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

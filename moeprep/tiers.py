@@ -14,6 +14,8 @@ from pathlib import Path
 
 from . import manifest as mf
 from .errors import MoeprepError
+from .inputs import short
+from .limits import MAX_TIERS
 from .placement import Placement
 from .plan import plan_file
 from .probe import probe
@@ -83,11 +85,13 @@ def command(file: str, placement: str, ctx: int, flash_attn: FlashAttn) -> str:
 def parse_tiers(text: str) -> list[float]:
     """GPU sizes in GiB: "8,12,24"."""
     try:
-        sizes = [float(part) for part in text.split(",") if part.strip()]
+        sizes = [float(part) for part in text[:1024].split(",") if part.strip()]
     except ValueError:
         sizes = []
-    if not sizes or any(s <= 0 for s in sizes):
-        raise MoeprepError(f"cannot read {text!r} as GPU sizes", "give GiB, comma-separated: --tiers 8,12,24")
+    if not sizes or len(text) > 1024 or any(not 0 < s <= 100_000 for s in sizes):
+        raise MoeprepError(f"cannot read {short(text)} as GPU sizes", "give GiB, comma-separated: --tiers 8,12,24")
+    if len(sizes) > MAX_TIERS:
+        raise MoeprepError(f"{len(sizes)} GPU sizes is more than a table can show", f"give at most {MAX_TIERS}")
     return sizes
 
 

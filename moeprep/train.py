@@ -119,16 +119,21 @@ def trained(kind: str, schedule: Schedule | None = None, *, cache: Path | None =
 
 
 def replace_folder(src: Path, dest: Path) -> None:
-    """Copy the folder `src` to `dest`, replacing what is there: copied aside, then renamed into place."""
+    """Copy the folder `src` to `dest`, replacing what is there: copied aside, then renamed into place. A link in
+    `dest`'s place is removed, never followed."""
+    from .files import remove
+
     dest = Path(dest)
     tmp, old = dest.with_name(dest.name + ".partial"), dest.with_name(dest.name + ".old")
     for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
+        remove(dest.parent, leftover)
     shutil.copytree(src, tmp)
-    if dest.exists():
+    if dest.is_symlink():
+        dest.unlink()
+    elif dest.exists():
         os.rename(dest, old)
     os.rename(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    remove(dest.parent, old)
 
 
 def _clean(folder: Path) -> None:

@@ -116,7 +116,7 @@ def test_recipe_load_refuses_yaml_that_is_not_a_mapping(text, held, tmp_path):
 def test_recipe_load_refuses_a_file_that_is_not_text(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_bytes(b"\xff\xfe\x00binary")
-    assert refusal(path).message == f"{path} is not UTF-8 text"
+    assert refusal(path).message == f"recipe {path} is not UTF-8 text"
 
 
 def test_recipe_release_of_a_directory_is_one_line():

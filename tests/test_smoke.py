@@ -16,7 +16,7 @@ from moeprep.cli import main
 from moeprep.libllama import versions
 from moeprep.plan import predict
 from moeprep.probe import probe
-from moeprep.results import FileResult, GpuInfo, PlacementResult, SmokeReport, SmokeSettings, Statistic, Tokens
+from moeprep.results import FileResult, GpuInfo, Override, PlacementResult, SmokeReport, SmokeSettings, Statistic, Tokens
 
 DATA = Path(__file__).parent / "data"
 # What this machine's build and driver should give: the suite runs on a CPU build here and on a CUDA
@@ -230,7 +230,7 @@ def cuda_log():
 def test_smoke_parses_cuda_log_lines():
     log = smoke.parse_log(cuda_log())
     assert [o.buffer_type for o in log.overridden] == ["CUDA_Host"] * 6
-    assert log.overridden[1] == smoke.Override("blk.0.ffn_down_exps.weight", "q4_K", "CUDA_Host")
+    assert log.overridden[1] == Override("blk.0.ffn_down_exps.weight", "q4_K", "CUDA_Host")
     assert {(b.device, b.kind): b.mib for b in log.buffers} == {
         ("CUDA0", "model"): 1371.52, ("CUDA_Host", "model"): 1728.0, ("CPU_Mapped", "model"): 81.0,
         ("CUDA_Host", "output"): 0.12, ("CUDA0", "KV"): 512.0, ("CUDA0", "compute"): 300.75,

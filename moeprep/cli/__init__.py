@@ -29,6 +29,12 @@ class Group(click.Group):
                 raise
             click.echo(f"Error: {e.message}" + (f" ({e.hint})" if e.hint else ""), err=True)
             ctx.exit(1)
+        except click.BadParameter as e:  # a value out of its range: a user error, said on one line like the others
+            if ctx.params.get("debug") or os.environ.get("MOEPREP_DEBUG"):
+                raise
+            where = e.ctx.command_path if e.ctx else "moeprep"
+            click.echo(f"Error: {e.format_message().rstrip('.')} (see `{where} --help`)", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted: finished outputs are kept; run the same command again to continue.", err=True)
             ctx.exit(130)

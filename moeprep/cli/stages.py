@@ -12,6 +12,7 @@ from ..errors import MoeprepError
 from ..lock import locked
 from ..options import QuantHelpCommand, json_option, quant_options
 from ..output import emit, status
+from ..limits import MAX_BATCH, MAX_CHUNKS, MAX_CTX, MAX_RUNS, MAX_THREADS, MAX_TOKENS
 from ..tiers import TIERS_GIB
 
 
@@ -104,8 +105,8 @@ def quantize(file: Path, quants, mixes, tensor_types, threads: int, imatrix: Pat
 @click.option("--text", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Calibration text.")
 @click.option("--out", type=click.Path(path_type=Path), help="Where to write it. [default: imatrix.gguf beside FILE]")
-@click.option("--ctx", type=click.IntRange(32), default=512, show_default=True, help="Context per chunk.")
-@click.option("--chunks", type=click.IntRange(0), default=0, show_default=True, help="Chunks to process (0: all).")
+@click.option("--ctx", type=click.IntRange(32, MAX_CTX), default=512, show_default=True, help="Context per chunk.")
+@click.option("--chunks", type=click.IntRange(0, MAX_CHUNKS), default=0, show_default=True, help="Chunks to process (0: all).")
 @json_option
 def imatrix(file: Path, text: Path, out: Path | None, ctx: int, chunks: int, as_json: bool) -> None:
     """Compute an importance matrix with llama.cpp's llama-imatrix on a calibration text.
@@ -145,25 +146,26 @@ def probe(file: Path, all_n: bool, as_json: bool) -> None:
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--placement", "placements", multiple=True, metavar="gpu|cpu-moe|n-cpu-moe=N",
               help="Placement to measure; repeat for more. [default: gpu and cpu-moe]")
-@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Timed runs after one warm-up.")
-@click.option("--ctx", type=click.IntRange(64), default=512, show_default=True, help="Context size.")
-@click.option("--tokens", "new_tokens", type=click.IntRange(2), default=32, show_default=True,
+@click.option("--runs", type=click.IntRange(1, MAX_RUNS), default=3, show_default=True, help="Timed runs after one warm-up.")
+@click.option("--ctx", type=click.IntRange(64, MAX_CTX), default=512, show_default=True,
+              help="Context size; at most the model's trained context.")
+@click.option("--tokens", "new_tokens", type=click.IntRange(2, MAX_TOKENS), default=32, show_default=True,
               help="Tokens to generate per run.")
-@click.option("--threads", type=click.IntRange(1), default=None,
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
               help="CPU threads. [default: one per physical core, as llama-server]")
 @click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Flash attention, as llama-server's --flash-attn.")
-@click.option("--batch", "n_batch", type=click.IntRange(1), default=2048, show_default=True,
+@click.option("--batch", "n_batch", type=click.IntRange(1, MAX_BATCH), default=2048, show_default=True,
               help="Logical batch size (llama-server's --batch-size).")
-@click.option("--ubatch", "n_ubatch", type=click.IntRange(1), default=512, show_default=True,
+@click.option("--ubatch", "n_ubatch", type=click.IntRange(1, MAX_BATCH), default=512, show_default=True,
               help="Physical batch size (llama-server's --ubatch-size).")
 @click.option("--reference", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="F16 file for perplexity and KL divergence. [default: the manifest's converted file]")
 @click.option("--quality-text", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Text to measure quality on. [default: moeprep's own eval-en.txt]")
-@click.option("--quality-ctx", type=click.IntRange(16), default=512, show_default=True,
+@click.option("--quality-ctx", type=click.IntRange(16, MAX_CTX), default=512, show_default=True,
               help="Tokens per chunk of the text, as llama-perplexity's -c; the second half of each is scored.")
-@click.option("--quality-chunks", type=click.IntRange(0), default=0, show_default=True,
+@click.option("--quality-chunks", type=click.IntRange(0, MAX_CHUNKS), default=0, show_default=True,
               help="Chunks to score, as llama-perplexity's --chunks (0: every whole chunk of the text).")
 @json_option
 def smoke(target, placements, runs, ctx, new_tokens, threads, flash_attn, n_batch, n_ubatch, reference, quality_text,
@@ -200,10 +202,10 @@ def smoke(target, placements, runs, ctx, new_tokens, threads, flash_attn, n_batc
 
 @main.command()
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--ctx", type=click.IntRange(1), default=4096, show_default=True, help="Context size for the KV cache.")
-@click.option("--ubatch", type=click.IntRange(1), default=512, show_default=True,
+@click.option("--ctx", type=click.IntRange(1, MAX_CTX), default=4096, show_default=True, help="Context size for the KV cache.")
+@click.option("--ubatch", type=click.IntRange(1, MAX_BATCH), default=512, show_default=True,
               help="Physical batch (n_ubatch); the compute buffer grows with it. llama-server's default.")
-@click.option("--batch", type=click.IntRange(1), default=2048, show_default=True,
+@click.option("--batch", type=click.IntRange(1, MAX_BATCH), default=2048, show_default=True,
               help="Logical batch (n_batch); llama.cpp caps n_ubatch at it and it at --ctx. llama-server's default.")
 @click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Flash attention, as llama-server's -fa; auto predicts the larger of on and off where the build cannot tell.")
@@ -260,7 +262,7 @@ def doctor(as_json: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo"), show_default=True,
               help="Where the tiny model and its GGUFs go.")
 @click.option("--kind", type=click.Choice(["phimoe", "mixtral", "llama"]), default="phimoe", show_default=True)
-@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Timed smoke runs per placement.")
+@click.option("--runs", type=click.IntRange(1, MAX_RUNS), default=3, show_default=True, help="Timed smoke runs per placement.")
 @json_option
 def demo(out: Path, kind: str, runs: int, as_json: bool) -> None:
     """Run the whole job on a tiny MoE model generated here (no network, no push).
