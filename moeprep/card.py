@@ -1,25 +1,25 @@
-"""The model card: rendered from the manifest in a Jinja sandbox (the lint lives in lint.py).
-
-Every cell of the file table is built by `file_rows`, which the lint calls again to check a card
-against its manifest: a figure in a card is the manifest's figure, or the card fails.
+"""The model card, rendered from the manifest alone in a Jinja sandbox: a pure function of the manifest and the
+options it records (`Manifest.card`). The lint (lint.py) renders it again the same way and compares what a reader
+sees, so a figure in a card is the manifest's figure, or the card fails. The stage that writes it is cardstage.py.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from . import hub
 from . import manifest as mf
+from . import sourcecard
 from .errors import MoeprepError
-from .files import human_bytes, write_aside, write_text
-from .layout import RepoCard, repos
-from .manifest import Manifest
-from .outcome import Outcome, Status, quiet
+from .files import human_bytes
+from .layout import RepoCard
+from .manifest import CardRecord, Manifest
+from .plan import CARD_CTX, from_record
 from .results import NOT_MEASURED, text
 
 TAGS = ["gguf", "moe", "mixture-of-experts", "cpu-offload", "llama.cpp", "quantized"]
@@ -102,27 +102,29 @@ def sample_outputs(manifest: Manifest, artifacts: list[mf.Artifact]) -> dict | N
     return {"prompt": cell(s.prompt), "tokens": s.new_tokens, "rows": rows} if rows else None
 
 
-def plan_rows(out: Path, artifact: mf.Artifact, ctx: int = 4096) -> tuple[str, list[list[str]]]:
-    from .plan import plan_file
-
-    p = plan_file(out / artifact.path, ctx)
+def plan_rows(artifact: mf.Artifact) -> tuple[str, list[list[str]]]:
+    """The offload plan of one file at CARD_CTX tokens, from the sizings its record keeps."""
+    rec = next((r for r in artifact.plans if r.ctx == CARD_CTX), None)
+    if rec is None or artifact.probe is None:
+        return f"No plan of `{cell(artifact.path)}` at {CARD_CTX} tokens is recorded.", []
+    p = from_record(artifact.probe, rec)
     rows = p.rows
     if len(rows) > 18:  # big models: every N would swamp the card; keep a spread
         keep = {"gpu", "cpu-moe"} | {f"n-cpu-moe={n}" for n in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)}
         rows = [r for r in rows if r.placement in keep]
-    caption = (f"For `{artifact.path}` at a context of {ctx} tokens, predicted by `moeprep plan`: weights the "
-               f"override leaves on the GPU (token_embd stays in host memory), the KV cache ({p.kv_cache_method}), "
+    caption = (f"For `{cell(artifact.path)}` at a context of {CARD_CTX} tokens, predicted by `moeprep plan`: weights "
+               f"the override leaves on the GPU (token_embd stays in host memory), the KV cache ({p.kv_cache_method}), "
                f"and the compute buffer: {p.compute_buffer.rstrip('.')}.")
     return caption, [[f"`{r.placement}`", human_bytes(r.weights_on_gpu), human_bytes(r.kv_cache),
                       human_bytes(r.compute) if r.compute is not None else "not predicted",
                       human_bytes(r.predicted_total)] for r in rows]
 
 
-def tier_tables(out: Path, usage: mf.Artifact) -> dict:
+def tier_tables(m: Manifest, usage: mf.Artifact) -> dict:
     """The tier table as the card shows it: one table per context, and usage commands for the usage file."""
-    from .tiers import cell_text, table
+    from .tiers import cell_text, from_manifest
 
-    t = table(out)
+    t = from_manifest(m)
     quants = list(dict.fromkeys(c.quant for tier in t.tiers for c in tier.cells))
     tables = []
     for ctx in t.contexts:
@@ -145,47 +147,14 @@ def tier_tables(out: Path, usage: mf.Artifact) -> dict:
     return {"caption": caption, "tables": tables, "commands": commands}
 
 
-@dataclass
-class SourceCard:
-    """What the source repo's own card says: data for our card, never template source."""
-
-    meta: dict = field(default_factory=dict)
-    description: str = ""
-
-
-def read_source_card(manifest: Manifest) -> SourceCard:
-    body = None
-    if manifest.source.kind == "local":
-        path = Path(manifest.source.id) / "README.md"
-        body = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
-    elif any(f.path == "README.md" for f in manifest.source.files):
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(manifest.source.id, "README.md", revision=manifest.source.commit)
-        body = Path(cached).read_text(encoding="utf-8", errors="replace") if isinstance(cached, str) else None
-    if not body:
-        return SourceCard()
-    meta = {}
-    if body.startswith("---"):
-        parts = body.split("\n---", 2)
-        if len(parts) >= 2:
-            try:
-                meta = yaml.safe_load(parts[0].removeprefix("---")) or {}
-            except yaml.YAMLError:
-                meta = {}
-            body = parts[1].split("\n", 1)[1] if "\n" in parts[1] else ""
-    paragraphs = [p.strip() for p in body.split("\n\n") if p.strip() and not p.strip().startswith(("#", "|", "!", "<", "```"))]
-    return SourceCard(meta if isinstance(meta, dict) else {}, paragraphs[0][:500] if paragraphs else "")
-
-
-def _license(manifest: Manifest, source: SourceCard) -> tuple[dict, str]:
+def _license(manifest: Manifest, source: mf.SourceCard, endpoint: str) -> tuple[dict, str]:
     """Front-matter license keys and the body's license line, inherited from the source when it says."""
-    lic = source.meta.get("license")
-    link = source.meta.get("license_link")
+    lic = source.license
+    link = source.license_link
     if not link and manifest.source.kind == "hub":
         names = [f.path for f in manifest.source.files if f.path.upper().startswith("LICENSE")]
         if names:
-            link = f"{hub.url(manifest.source.id)}/blob/{manifest.source.commit}/{names[0]}"
+            link = f"{endpoint}/{manifest.source.id}/blob/{manifest.source.commit}/{names[0]}"
     if isinstance(lic, str) and LICENSE_ID.match(lic):
         keys = {"license": lic} | ({"license_link": str(link)} if link else {})
         return keys, f"{lic}, inherited from the source" + (f" ([license]({link}))" if link else "")
@@ -194,33 +163,25 @@ def _license(manifest: Manifest, source: SourceCard) -> tuple[dict, str]:
     return keys, f"unknown: the source states no license moeprep can read{stated}; check the source repo before use"
 
 
-@dataclass
-class CardOptions:
-    repo_id: str | None = None  # None: the card shows local usage only
-    layout: str = "single"
-    quantized_by: str = "moeprep"
-    base_model: str | None = None
-    template: Path | None = None
-    max_shard: int | None = None  # split files larger than this before the card lists them
-    draft: bool = False  # a card to read locally (the demo's): a local source needs no base model, push refuses it
+def base_model(m: Manifest, record: CardRecord) -> str | None:
+    return record.base_model or (m.source.id if m.source.kind == "hub" else None)
 
 
-def context(out: Path, m: Manifest, repo: RepoCard, options: CardOptions) -> dict:
-    base = options.base_model or (m.source.id if m.source.kind == "hub" else None)
-    if not base and not options.draft:
-        raise MoeprepError("the source is a local directory, so the card cannot name its base model",
-                           "pass --base-model ORG/NAME")
+def context(m: Manifest, repo: RepoCard, record: CardRecord) -> dict:
+    base = base_model(m, record)
     if m.probe is None:
-        raise MoeprepError(f"the manifest in {out} has no probe of the converted file", "run `moeprep convert` again")
-    source = read_source_card(m)
-    license_keys, license_text = _license(m, source)
+        raise MoeprepError("the manifest has no probe of the converted file", "run `moeprep convert` again")
+    url = f"{record.endpoint}/{{}}".format
+    source = sourcecard.of(m.source)
+    license_keys, license_text = _license(m, source, record.endpoint)
     # A draft of a local model names no base model, so the lint (and so push) refuses it.
     front = ({"base_model": base, "base_model_relation": "quantized"} if base else {}) | license_keys
-    for key in ("pipeline_tag", "language"):
-        if source.meta.get(key):
-            front[key] = source.meta[key]
+    if source.pipeline_tag:
+        front["pipeline_tag"] = source.pipeline_tag
+    if source.language:
+        front["language"] = source.language
     front["tags"] = TAGS
-    front["quantized_by"] = options.quantized_by
+    front["quantized_by"] = record.quantized_by
     p = m.probe
     n = p.n_params
     model = {
@@ -234,12 +195,13 @@ def context(out: Path, m: Manifest, repo: RepoCard, options: CardOptions) -> dic
     }
     quants = [a for a in repo.artifacts if a.stage == "quantize"] or repo.artifacts
     usage = next((a for a in quants if a.quant == "Q4_K_M"), quants[0])
-    caption, rows = plan_rows(out, usage)
+    caption, rows = plan_rows(usage)
+    usage_file = usage.upload_files()[0][0]
     return {
         "front_matter": yaml.safe_dump(front, sort_keys=False, allow_unicode=True),
         "title": f"{cell(m.model)} GGUF",
         "base_model": cell(base) if base else f"a local model ({cell(m.model)}, not on the Hub)",
-        "base_url": hub.url(base) if base else None,
+        "base_url": url(base) if base else None,
         "description": cell(source.description),
         "license_text": license_text,
         "model": model,
@@ -247,17 +209,30 @@ def context(out: Path, m: Manifest, repo: RepoCard, options: CardOptions) -> dic
         "rows": file_rows(m, repo.artifacts),
         "quality": {"columns": QUALITY_COLUMNS, "rows": quality_rows(m, repo.artifacts)},
         "samples": sample_outputs(m, repo.artifacts),
-        "plot": PLOT if (out / PLOT).is_file() and m.smoke else None,
+        "plot": PLOT if m.smoke and any(m.smoke_result(a) for a in m.artifacts) else None,
         "method": method_lines(m),
         "mixes": mix_lines(repo.artifacts),
         "plan": {"caption": caption, "rows": rows},
-        "tiers": tier_tables(out, usage),
+        "tiers": tier_tables(m, usage),
         "repo_id": repo.repo_id,
-        "usage": {"file": usage.upload_files()[0][0], "n": max(1, (p.block_count or 1) // 2)},
-        "siblings": [{"quant": q, "url": hub.url(r)} for q, r in repo.siblings.items()],
-        "provenance": provenance_lines(m),
+        "usage": usage_lines(repo.repo_id, usage_file),
+        "siblings": [{"quant": q, "url": url(r)} for q, r in repo.siblings.items()],
+        "provenance": provenance_lines(m, record.endpoint),
         "tools": m.tools,
     }
+
+
+def usage_lines(repo_id: str | None, file: str) -> dict:
+    """Commands and code a reader can paste: each shell argument quoted, each Python string a literal."""
+    prompt = "Explain mixture-of-experts in one paragraph."
+    download = shlex.join(["hf", "download", repo_id, file, "--local-dir", "."]) if repo_id else None
+    cli = shlex.join(["llama-cli", "-m", file, "--n-gpu-layers", "999", "--cpu-moe", "-p", prompt])
+    if repo_id:
+        load = (f"llm = Llama.from_pretrained(repo_id={json.dumps(repo_id)}, filename={json.dumps(file)}, "
+                "n_gpu_layers=-1, n_ctx=4096)")
+    else:
+        load = f"llm = Llama(model_path={json.dumps(file)}, n_gpu_layers=-1, n_ctx=4096)"
+    return {"file": file, "download": download, "cli": cli, "python_load": load, "prompt": json.dumps(prompt)}
 
 
 def mix_lines(artifacts: list[mf.Artifact]) -> list[str]:
@@ -337,11 +312,11 @@ def vram_line(s, where: str) -> str:
             f"log states them; {overhead}; {where}.")
 
 
-def provenance_lines(m: Manifest) -> list[str]:
+def provenance_lines(m: Manifest, endpoint: str) -> list[str]:
     src, t = m.source, m.tools
     if src.kind == "hub":
-        origin = (f"Source: [{src.id}]({hub.url(src.id)}) at revision `{src.revision}` = commit "
-                  f"[`{src.commit}`]({hub.url(src.id)}/tree/{src.commit})")
+        origin = (f"Source: [{src.id}]({endpoint}/{src.id}) at revision `{cell(src.revision)}` = commit "
+                  f"[`{src.commit}`]({endpoint}/{src.id}/tree/{src.commit})")
     else:
         origin = f"Source: a local directory, fingerprint `{src.fingerprint()}`"
     return [
@@ -363,96 +338,17 @@ def _imatrix_line(m: Manifest) -> str:
             f"`imatrix.gguf` has sha256 {i.sha256[:12]}….")
 
 
-def render(out: Path, m: Manifest, repo: RepoCard, options: CardOptions) -> str:
+def render(m: Manifest, repo: RepoCard, record: CardRecord, template: Path | None = None) -> str:
+    """The card for `repo`: the manifest and its card record through the template (moeprep's own unless given)."""
     from jinja2 import FileSystemLoader, StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
 
     from .assets import template as shipped
 
-    template = Path(options.template) if options.template else shipped()
+    template = Path(template) if template else shipped()
     if not template.is_file():
         raise MoeprepError(f"card template {template} not found", "pass --template PATH, or reinstall moeprep")
     env = SandboxedEnvironment(loader=FileSystemLoader(str(template.parent)), undefined=StrictUndefined,
                                autoescape=False, keep_trailing_newline=True)
-    body = env.get_template(template.name).render(**context(out, m, repo, options))
+    body = env.get_template(template.name).render(**context(m, repo, record))
     return re.sub(r"\n{3,}", "\n\n", body)  # template blocks leave blank runs; Markdown needs one
-
-
-def plot(manifest: Manifest, out: Path) -> Path | None:
-    """Decode speed (and VRAM where measured) per quant and placement, as a PNG beside the card."""
-    entries = [(a.quant, e) for a in manifest.artifacts if (e := manifest.smoke_result(a))]
-    if not entries:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    placements = sorted({p for _, e in entries for p in e.placements})
-    has_vram = any(r.gpu_mib() is not None for _, e in entries for r in e.placements.values())
-    quality = [(a, e.quality) for a in manifest.artifacts if (e := manifest.smoke_result(a)) and e.quality
-               and e.quality.finite]
-    panels = 1 + has_vram + bool(quality)
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
-    width = 0.8 / len(placements)
-    for i, p in enumerate(placements):
-        xs = [j + i * width for j in range(len(entries))]
-        results = [e.placements.get(p) for _, e in entries]
-        axes[0][0].bar(xs, [r.decode_tps.mean or 0 if r else 0 for r in results], width,
-                       yerr=[r.decode_tps.sd or 0 if r else 0 for r in results], label=p)
-        if has_vram:
-            axes[0][1].bar(xs, [r.gpu_mib() or 0 if r else 0 for r in results], width, label=p)
-    s = manifest.smoke
-    for ax, title in zip(axes[0], ["decode tok/s (mean ± sd)", "GPU: model + KV + compute buffers (MiB)"][:1 + has_vram]):
-        ax.set_xticks([j + width * (len(placements) - 1) / 2 for j in range(len(entries))], [q for q, _ in entries])
-        ax.set_title(title)
-        ax.legend()
-    if quality:  # size against quality, one point per file: does a mix beat a plain quant of its size?
-        ax = axes[0][-1]
-        for a, q in quality:
-            ax.errorbar(a.size / 2**20, q.kld_mean, yerr=q.kld_se or 0, fmt="o", capsize=3)
-            ax.annotate(a.quant, (a.size / 2**20, q.kld_mean), fontsize=8)
-        ax.set_xlabel("file size (MiB)")
-        ax.set_title("mean KLD vs F16 (± standard error) against file size")
-    fig.suptitle(f"measured by moeprep, backend {s.backend}, {s.hardware.cpu}, N={s.settings.runs}", fontsize=9)
-    fig.tight_layout()
-    path = out / PLOT
-    with write_aside(path, root=out) as tmp, open(tmp, "wb") as f:
-        fig.savefig(f, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return path
-
-
-def write(out: Path, options: CardOptions | None = None, *, dry_run: bool = False, status: Status = quiet) -> Outcome:
-    """The card stage: split what is too large, draw the plot, render one card per repo, lint each.
-
-    A card that fails its own lint is never left looking finished. With `dry_run` nothing is written.
-    """
-    from .lint import lint_text
-    from .split import shard_artifacts
-
-    options = options or CardOptions()
-    out = Path(out)
-    m = mf.load(out)
-    if not m.artifacts:
-        raise MoeprepError(f"the manifest in {out} lists no artifacts", "run `moeprep convert` first")
-    outcome = Outcome("card", result=[])
-    if options.max_shard:
-        outcome.notes += shard_artifacts(out, m, options.max_shard, dry_run=dry_run, status=status)
-    if not dry_run:
-        plot(m, out)
-    for repo in repos(m, options.repo_id, options.layout):
-        body = render(out, m, repo, options)
-        path = out / repo.card
-        if problems := [p for p in lint_text(body, path, m, check_files=False) if not (options.draft and p in DRAFT)]:
-            raise MoeprepError(f"card lint failed for {repo.card} ({len(problems)} problem{'s' * (len(problems) != 1)}; "
-                               f"first: {problems[0]})",
-                               "nothing was written; with --template, fix the template, else report a moeprep bug")
-        outcome.result.append(path)
-        if path.is_file() and path.read_text(encoding="utf-8") == body:
-            outcome.kept.append(repo.card)
-            continue
-        if not dry_run:
-            write_text(path, body, root=out)
-        outcome.made.append(repo.card)
-    return outcome

@@ -138,7 +138,7 @@ class DemoRun:
 def run(kind: str, out: Path, *, runs: int = 3, status=lambda line: None) -> DemoRun:
     """Train the checkpoint (or take it from the cache), then convert, quantize, probe, smoke, plan and write
     the card (a local draft)."""
-    from . import card, smoke
+    from . import cardstage, smoke
     from . import manifest as mf
     from .errors import MoeprepError
     from .lock import locked
@@ -157,7 +157,7 @@ def run(kind: str, out: Path, *, runs: int = 3, status=lambda line: None) -> Dem
             name, reasons = next(iter(failed.items()))
             raise MoeprepError(f"the demo's smoke failed for {name}: {reasons[0]}", "report this as a moeprep bug")
         plan = plan_file(folder / artifact_name(source.name, "Q4_K_M"))
-        written = card.write(folder, card.CardOptions(draft=True), status=status)
+        written = cardstage.write(folder, cardstage.CardOptions(draft=True), status=status)
     return DemoRun(folder, converted, smoked, plan, written, mf.load(folder))
 
 

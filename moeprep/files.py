@@ -45,6 +45,21 @@ def git_blob_sha1(path: Path) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def matches(path: Path, size: int, sha256: str, mtime_ns: int | None = None, progress: Progress | None = None) -> bool:
+    """Whether the file at `path` holds the bytes a record names: the same size and modification time as recorded
+    (no file of the same size and time was rewritten in between, short of a deliberate forgery), else hashed."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    if not path.is_file() or info.st_size != size:
+        return False
+    if mtime_ns is not None and info.st_mtime_ns == mtime_ns:
+        return True
+    return sha256_file(path, progress) == sha256
+
+
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 

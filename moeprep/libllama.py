@@ -233,7 +233,8 @@ def new_context(model, params: ContextParams, *, log: list[str] | None = None, w
                            "lower --ctx, --ubatch or --batch")
     pool = _threadpool(params.threads) if threadpool else None
     if pool:
-        _lib().llama_attach_threadpool(ctx, pool, None)
+        with capture_log(lambda level, text: None):  # llama.cpp announces the attachment; not for the terminal
+            _lib().llama_attach_threadpool(ctx, pool, None)
     try:
         yield ctx
     finally:

@@ -21,7 +21,7 @@ from pydantic import AfterValidator
 from .errors import MoeprepError
 from .files import write_json
 from .probe import ProbeReport
-from .results import FileResult, SmokeReport
+from .results import FileResult, PlanRecord, SmokeReport
 
 FORMAT = "moeprep.manifest/2"
 FORMAT_V1 = "moeprep.manifest/1"  # read and upgraded on load
@@ -61,6 +61,18 @@ class SourceFile:
 
 
 @dataclass
+class SourceCard:
+    """What the source repo's own README says that a card inherits, read from the bytes whose sha256 `files` records
+    (when the model was converted): data for the card, never template source."""
+
+    license: str | None = None
+    license_link: str | None = None
+    pipeline_tag: str | None = None
+    language: list[str] = field(default_factory=list)
+    description: str = ""  # its first paragraph of prose, at most 500 characters
+
+
+@dataclass
 class Source:
     id: str  # Hub repo id, or the local directory converted
     kind: str  # "hub" or "local"
@@ -68,6 +80,7 @@ class Source:
     commit: str | None = None  # the commit sha it resolved to
     files: list[SourceFile] = field(default_factory=list)
     architecture: str | None = None  # config.json's architectures[0]
+    card: SourceCard | None = None  # from its README.md as recorded; None: not read (manifests before format 3)
 
     def fingerprint(self) -> str:
         """One sha256 naming the exact set of input files, so an F16 records what it was made from."""
@@ -93,6 +106,7 @@ class Shard:
     sha256: str
     made_from: str | None = None  # sha256 of the artifact it was split from
     max_bytes: int | None = None
+    mtime_ns: int | None = None
 
 
 @dataclass
@@ -106,6 +120,8 @@ class Artifact:
     settings: ArtifactSettings = field(default_factory=ArtifactSettings)
     shards: list[Shard] = field(default_factory=list)  # when split for upload
     probe: ProbeReport | None = None  # `moeprep probe` of this file
+    plans: list[PlanRecord] = field(default_factory=list)  # llama.cpp's sizings of it, one per context (plan.py)
+    mtime_ns: int | None = None  # the file's modification time when recorded: unchanged size and time, unchanged bytes
 
     def upload_files(self) -> list[tuple[str, int, str, str]]:
         """(path, size, sha256, label) of every file this artifact is uploaded as."""
@@ -116,6 +132,20 @@ class Artifact:
             n = len(self.shards)
             return [(s.path, s.size, s.sha256, f"{label} ({i}/{n})") for i, s in enumerate(self.shards, 1)]
         return [(self.path, self.size, self.sha256, label)]
+
+
+@dataclass
+class CardRecord:
+    """How the card was rendered, so that the lint can render it again from this manifest and compare."""
+
+    repo_id: str | None  # None: a card for local use
+    layout: str
+    quantized_by: str
+    base_model: str | None
+    endpoint: str  # the Hub address its links use
+    draft: bool = False
+    template: str | None = None  # a custom template's path, None: moeprep's own
+    template_sha256: str | None = None
 
 
 @dataclass
@@ -139,6 +169,7 @@ class Manifest:
     artifacts: list[Artifact] = field(default_factory=list)
     smoke: SmokeReport | None = None
     imatrix: ImatrixRecord | None = None
+    card: CardRecord | None = None
     format: str = FORMAT
     updated: str = ""
 

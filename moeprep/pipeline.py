@@ -21,6 +21,8 @@ from . import mixes as mix_stage
 from . import probe as probe_stage
 from . import progress
 from . import quantize as quantize_stage
+from . import sourcecard
+from . import plan as plan_stage
 from .errors import MoeprepError
 from .files import check_free_space, remove, sha256_file
 from .manifest import Artifact, ArtifactSettings, ImatrixRecord, Manifest
@@ -65,8 +67,9 @@ def record(out: Path, path: Path, quant: str, stage: str, made_from: str, settin
         digest = sha256_file(path, bar.update)
     report = probe_stage.probe(path)
     report.file = final.name
-    return Artifact(str(final.relative_to(out)), quant, path.stat().st_size, digest, stage, made_from, settings,
-                    probe=report)
+    info = path.stat()  # renaming keeps the modification time: the final file will match it
+    return Artifact(str(final.relative_to(out)), quant, info.st_size, digest, stage, made_from, settings,
+                    probe=report, mtime_ns=info.st_mtime_ns)
 
 
 def recorder(out: Path, final: Path, manifest: Manifest | None, made: list, *args) -> Callable[[Path], None]:
@@ -128,6 +131,7 @@ def convert_model(source: str, *, out: Path | None = None, outtype: str = "f16",
     if src is None:
         src = download_stage.local_source(folder)
     src.architecture = model.architecture
+    src.card = sourcecard.read(folder, src)
     old = mf.load_or_none(out)
     planned = {base: model.n_params * (4 if outtype == "f32" else 2)}
     planned |= {artifact_name(name, q): quantize_stage.planned_size(model.n_params, q) for q in quants}
@@ -255,8 +259,10 @@ def prepare(source: str, *, out: Path | None = None, outtype: str = "f16",
                               status=status)
     quantized = quantize_model(out, quants=quants, mixes=mixes, tensor_types=tensor_types, nthread=nthread,
                                imatrix=imatrix, status=status)
+    manifest = mf.load(out)
+    plan_stage.stage(out, manifest, status=status)
     return Outcome("convert", converted.made + quantized.made, converted.kept + quantized.kept,
-                   converted.notes + quantized.notes, quantized.result)
+                   converted.notes + quantized.notes, manifest)
 
 
 def _imatrix(out: Path, manifest: Manifest, f16: Artifact, spec: ImatrixSpec, status: Status) -> ImatrixRecord:
@@ -345,6 +351,8 @@ def quantize_file(src: Path, quants: list[str], nthread: int = 0, status: Status
                                 before_rename=recorder(out, dst, manifest, outcome.result, t.label, "quantize",
                                                        src_sha256, settings))
         outcome.made.append(dst.name)
+    if manifest is not None:
+        plan_stage.stage(out, manifest, status=status)
     return outcome
 
 

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import manifest as mf
 from .llamalog import parse_log
 from .placement import Placement as Spec
 from .probe import ProbeReport, probe
-from .results import Buffer, FileResult, FlashAttn
+from .results import FileResult, FlashAttn, PlanRecord, Simulation
 
 COMPUTE_NOT_INCLUDED = "not included (depends on backend and n_ubatch; see measured values where a GPU smoke exists)"
 
@@ -108,24 +108,6 @@ def cuda_flash_attn(report: ProbeReport, cache_type_k: str = "f16", cache_type_v
         if v == need_v and gqa >= 2 and gqa % multiple == 0:
             return True, f"{shape} with GQA ratio {gqa} has CUDA flash-attention kernels ({CUDA_FA_SOURCE})"
     return False, f"{shape} (GQA ratio {gqa}) has no CUDA flash-attention kernel ({CUDA_FA_SOURCE})"
-
-
-@dataclass
-class Simulation:
-    """One context llama.cpp sized with nothing allocated (model param no_alloc), as it logged it."""
-
-    device: str  # whose compute buffer stands for the GPU's: "CUDA0", ..., or "CPU" on a build without a GPU
-    placement: str | None  # simulated with this placement's overrides; None: one run for every placement
-    flash_attn: FlashAttn  # on or off, as llama.cpp applied it
-    n_ctx: int  # as llama.cpp applied them (n_ctx rounded up, n_batch and n_ubatch clamped)
-    n_batch: int
-    n_ubatch: int
-    compute: int  # bytes of the compute buffer on `device`
-    buffers: list[Buffer] = field(default_factory=list)  # every compute buffer logged, host ones included
-    seconds: float = 0.0
-    kv: int = 0  # bytes of every KV cache and recurrent state, as llama.cpp sized them
-    kv_method: str = ""  # llama.cpp's own lines for them
-    asked: FlashAttn | None = None  # what the context was asked for; `auto` is resolved in `flash_attn`
 
 
 def read_simulation(text: str, placement: str | None, seconds: float = 0.0) -> Simulation:
@@ -470,6 +452,79 @@ def plan_file(path: Path, ctx: int = 4096, vram: int | None = None, *, ubatch: i
             why = f"not included: {e.message}"
     return predict(report, ctx, vram, smoke, simulations=sims, batch=batch, ubatch=ubatch, flash_attn=flash_attn,
                    smoke_ctx=smoke_ctx, compute_not_included=why)
+
+
+# The contexts every file is planned at where it is made, for the card's tier table and offload plan: 4k, 16k, 32k
+# and the model's trained maximum (tiers.contexts_for), at llama-server's batches and f16 caches.
+CONTEXTS = (4096, 16384, 32768)
+CARD_CTX = 4096  # the card's offload plan
+
+
+def contexts_for(trained: int | None, asked: list[int] | None = None) -> list[int]:
+    """The asked contexts (default 4k, 16k, 32k) no longer than the trained maximum, which is added."""
+    chosen = [c for c in (asked or CONTEXTS) if not trained or c <= trained]
+    if trained and trained not in chosen:
+        chosen.append(trained)
+    return sorted(set(chosen))
+
+
+def record(path: Path, report: ProbeReport, contexts: list[int], *, ubatch: int = DEFAULT_UBATCH,
+           batch: int = DEFAULT_BATCH) -> list[PlanRecord]:
+    """llama.cpp's sizings of `path` at each context, as the manifest keeps them (no timings: a record of the
+    same file on the same build is the same record)."""
+    from .errors import MoeprepError
+    from .libllama import devices, versions
+
+    backend = next((d["name"] for d in devices() if d["type"] in ("GPU", "IGPU")), "CPU")
+    out = []
+    for ctx in contexts:
+        rec = PlanRecord(ctx, batch, ubatch, "f16", versions()["llama_cpp_commit"], backend)
+        if not report.loadable:
+            rec.why_not = "current llama.cpp cannot load this layout, so it cannot size the compute buffer"
+        else:
+            try:
+                rec.simulations = [replace(s, seconds=0.0) for s in simulate(path, report, ctx=ctx, ubatch=ubatch, batch=batch)]
+            except MoeprepError as e:
+                rec.why_not = e.message
+        out.append(rec)
+    return out
+
+
+def current(records: list[PlanRecord], contexts: list[int]) -> bool:
+    """Records made by this llama.cpp build, for every context asked."""
+    from .libllama import devices, versions
+
+    backend = next((d["name"] for d in devices() if d["type"] in ("GPU", "IGPU")), "CPU")
+    commit = versions()["llama_cpp_commit"]
+    have = {r.ctx for r in records if (r.llama_cpp, r.backend) == (commit, backend)}
+    return set(contexts) <= have
+
+
+def from_record(report: ProbeReport, rec: PlanRecord, vram: int | None = None, smoke: FileResult | None = None,
+                smoke_ctx: int | None = None, flash_attn: FlashAttn | str = DEFAULT_FLASH_ATTN) -> Plan:
+    """The plan a record makes: the same computation as `plan_file`, from the sizings kept in the manifest."""
+    return predict(report, rec.ctx, vram, smoke, simulations=rec.simulations, batch=rec.n_batch, ubatch=rec.n_ubatch,
+                   flash_attn=flash_attn, smoke_ctx=smoke_ctx,
+                   compute_not_included=f"not included: {rec.why_not}" if rec.why_not else COMPUTE_NOT_INCLUDED)
+
+
+def stage(out: Path, manifest: mf.Manifest, *, save: bool = True, status=lambda line: None) -> list[str]:
+    """Record each artifact's plans where the GGUF is, unless this build's are recorded, and (with `save`) save the
+    manifest. Returns the files planned now."""
+    made = []
+    for a in manifest.artifacts:
+        if a.probe is None:
+            continue
+        contexts = contexts_for(a.probe.context_length)
+        path = Path(out) / a.path
+        if current(a.plans, contexts) or not (path.is_file() and path.stat().st_size == a.size):
+            continue  # up to date, or nothing here to size (a manifest pulled without its files keeps its records)
+        status(f"plan {a.path}: sizing the KV cache and compute buffer at {', '.join(map(str, contexts))} tokens")
+        a.plans = record(path, a.probe, contexts)
+        made.append(a.path)
+    if made and save:
+        mf.save(out, manifest)
+    return made
 
 
 def _unchanged(path: Path, artifact: mf.Artifact) -> bool:

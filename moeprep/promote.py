@@ -1,10 +1,8 @@
 """Publish from the staging branch: merge every smoke job's result and the quality record into the
 manifest, render the card, and promote staging to main in one commit.
 
-The card's offload plan and tier table size buffers with llama.cpp from each GGUF's header, so publish
-needs the headers (a few MB each) but never the weights: it writes each header into a sparse file of the
-GGUF's full size, which llama.cpp's no_alloc load reads without touching tensor data. Those stand-ins make
-the publish job's directory a scratch directory: nothing but `promote` reads it.
+The card is a function of the manifest alone (prepare recorded each file's plan where the file was), so
+publish downloads no GGUF and no header: its directory holds the manifest, the card and the plot.
 
 Promotion copies each GGUF from the staging commit (`CommitOperationCopy`): the Hub references the LFS
 object it already holds by sha256, and no byte is uploaded again.
@@ -18,11 +16,11 @@ from pathlib import Path
 from . import hub, kld
 from . import manifest as mf
 from .errors import IntegrityError, MoeprepError
-from .files import write_aside, write_json
+from .files import write_json
 from .outcome import Outcome, Status, quiet
 from .recipe import Recipe
 from .results import SmokeReport
-from .staging import Staged, blob_ids, check_layout, current_result, download, header_path, read, read_json, \
+from .staging import Staged, blob_ids, check_layout, current_result, read, read_json, \
     same_manifest, smoke_settings, smoked_labels
 
 
@@ -68,32 +66,10 @@ def merge(staged: Staged, r: Recipe) -> mf.Manifest:
     return m
 
 
-def _source_card(m: mf.Manifest) -> None:
-    """The source's README into the HF cache at the pinned commit: the card inherits its license from it."""
-    if m.source.kind == "hub" and any(f.path == "README.md" for f in m.source.files):
-        download(m.source.id, "README.md", m.source.commit)
-
-
-def _stand_in(out: Path, staged: Staged, a: mf.Artifact, status: Status) -> bool:
-    """A sparse file of the GGUF's size holding its real header, unless a file of that size is there. True if made."""
-    target = out / a.path
-    if target.is_file() and target.stat().st_size == a.size:
-        return False
-    if header_path(a.path) not in staged.files:
-        raise MoeprepError(f"{staged.repo_id}@{staged.branch} lacks {header_path(a.path)}",
-                           "run the release's prepare job again")
-    status(f"reading the header of {a.path} from {staged.repo_id}@{staged.branch}")
-    data = download(staged.repo_id, header_path(a.path), staged.commit).read_bytes()
-    with write_aside(target, root=out) as tmp:
-        with open(tmp, "r+b") as f:
-            f.write(data)
-            f.truncate(a.size)
-    return True
-
-
 def publish_card(out: Path, r: Recipe, *, status: Status = quiet) -> tuple[Outcome, Staged]:
-    """Merge the staged results into the manifest in `out` and render the card there; nothing is uploaded."""
-    from . import card as card_stage
+    """Merge the staged results into the manifest in `out` and render the card there; nothing is uploaded. The card
+    needs no GGUF: every figure it shows, the plans too, is in the manifest prepare staged."""
+    from . import cardstage as card_stage
     from .release import card_options
 
     check_layout(r)
@@ -103,16 +79,16 @@ def publish_card(out: Path, r: Recipe, *, status: Status = quiet) -> tuple[Outco
         raise MoeprepError(f"{r.hub.repo_id}@{r.hub.staging} holds nothing to publish",
                            f"run `moeprep release {r.path} --stages prepare` first")
     m = merge(staged, r)
+    options = card_options(r)
+    options.max_shard = None  # prepare split what was too large; the manifest lists the shards
+    options.files_here = False  # the files are on the staging branch, each checked against the manifest there
+    m.card = card_stage.card_record(m, options)  # as the card stage will record it: a rerun compares equal
     data = m.to_dict()
     main = _main_manifest(r.hub.repo_id)
     same = main is not None and same_manifest(main, data)
     data["updated"] = main["updated"] if same else datetime.now(timezone.utc).isoformat(timespec="seconds")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(mf.path_in(out), data)
-    _source_card(m)
-    stand_ins = [a.path for a in m.artifacts if _stand_in(out, staged, a, status)]
-    options = card_options(r)
-    options.max_shard = None  # prepare split what was too large; the manifest lists the shards
+    write_json(mf.path_in(out), data, root=out)
     outcome = card_stage.write(out, options, status=status)
     from .push import remote_files
 
@@ -120,9 +96,6 @@ def publish_card(out: Path, r: Recipe, *, status: Status = quiet) -> tuple[Outco
     same = [n for n in outcome.made if published.get(n) in blob_ids((out / n).read_bytes())]
     outcome.made = [n for n in outcome.made if n not in same]
     outcome.kept += same
-    if stand_ins:
-        outcome.notes.append(f"{len(stand_ins)} GGUFs stand in as their headers (sparse files) for the card's plan; "
-                             f"{out} is a scratch directory")
     return outcome, staged
 
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import card as card_stage
+from . import cardstage as card_stage
 from . import download as download_stage
 from . import manifest as mf
 from . import kld
+from . import plan as plan_stage
 from . import promote, staging
 from .errors import MoeprepError
 from .files import human_bytes
@@ -33,7 +34,7 @@ from .recipe import Recipe, discover
 from .recipe import load as load_recipe
 
 GROUPS = {  # how scheduled CI splits a release into jobs
-    "prepare": ["download", "convert", "quantize", "probe", "quality", "stage"],
+    "prepare": ["download", "convert", "quantize", "probe", "plan", "quality", "stage"],
     "smoke": ["smoke"],
     "publish": ["card", "promote"],
 }
@@ -86,6 +87,14 @@ def _probe(run: Run) -> Outcome:
     return Outcome("probe", kept=[manifest.base.path], notes=["the converted file matches the recipe's expect section"])
 
 
+def _plan(run: Run) -> Outcome:
+    """Each file's KV cache and compute buffer, sized by llama.cpp where the file is: the card shows them later,
+    in a job that holds no GGUF."""
+    manifest = mf.load(run.out)
+    made = plan_stage.stage(run.out, manifest, status=run.status)
+    return Outcome("plan", made=made, kept=[a.path for a in manifest.artifacts if a.path not in made])
+
+
 def _quality(run: Run) -> Outcome:
     return kld.measure(run.out, staging.smoke_settings(run.recipe), status=run.status)
 
@@ -115,7 +124,7 @@ def card_options(r: Recipe) -> card_stage.CardOptions:
 
 
 STAGES: dict[str, Callable[[Run], Outcome]] = {
-    "download": _download, "convert": _convert, "quantize": _quantize, "probe": _probe, "quality": _quality,
+    "download": _download, "convert": _convert, "quantize": _quantize, "probe": _probe, "plan": _plan, "quality": _quality,
     "stage": _stage, "smoke": _smoke, "card": _card, "promote": _promote,
 }
 PREPARE = GROUPS["prepare"]

@@ -301,3 +301,36 @@ class SmokeReport:
         if old is None or old.settings != self.settings or old.machine() != self.machine():
             return self
         return SmokeReport(**{**vars(self), "artifacts": {**old.artifacts, **self.artifacts}})
+
+
+@dataclass
+class Simulation:
+    """One context llama.cpp sized with nothing allocated (model param no_alloc), as it logged it."""
+
+    device: str  # whose compute buffer stands for the GPU's: "CUDA0", ..., or "CPU" on a build without a GPU
+    placement: str | None  # simulated with this placement's overrides; None: one run for every placement
+    flash_attn: FlashAttn  # on or off, as llama.cpp applied it
+    n_ctx: int  # as llama.cpp applied them (n_ctx rounded up, n_batch and n_ubatch clamped)
+    n_batch: int
+    n_ubatch: int
+    compute: int  # bytes of the compute buffer on `device`
+    buffers: list[Buffer] = field(default_factory=list)  # every compute buffer logged, host ones included
+    seconds: float = 0.0
+    kv: int = 0  # bytes of every KV cache and recurrent state, as llama.cpp sized them
+    kv_method: str = ""  # llama.cpp's own lines for them
+    asked: FlashAttn | None = None  # what the context was asked for; `auto` is resolved in `flash_attn`
+
+
+@dataclass
+class PlanRecord:
+    """llama.cpp's sizings of one file's context at one size, as `plan` made them where the file was: everything
+    a plan and the tier table are computed from, so a card can show them without the GGUF."""
+
+    ctx: int  # as asked
+    n_batch: int
+    n_ubatch: int
+    cache_type: str  # the K and V cache type sized (f16 unless chosen)
+    llama_cpp: str | None  # the commit of the llama.cpp that sized them
+    backend: str  # the device llama.cpp sized for: CPU (a CUDA build is predicted) or CUDA0, ...
+    simulations: list[Simulation] = field(default_factory=list)
+    why_not: str | None = None  # set where llama.cpp could not size it (a layout it cannot load)

@@ -10,6 +10,7 @@ is the evidence of where each tensor went and what the context ran with.
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ from . import quality as _quality  # run() has a parameter named quality
 from . import manifest as mf
 from . import placement as placements_
 from .errors import MoeprepError
-from .files import human_bytes, sha256_file
+from .files import human_bytes, matches, sha256_file
 from .libllama import ContextParams, loaded_model, new_context, session, tokenize
 from .llamalog import LoadLog, parse_log
 from .outcome import Outcome, Status, quiet
@@ -304,11 +305,6 @@ def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path 
 
     nvml, nvml_status = gpu.nvml()
     backend = backends([d for d in devices() if d["type"] != "CPU"]) or ["CPU"]
-    ref = None
-    if reference is not None:
-        status(f"reference: {reference.name}")
-        known = manifest.artifact_at(reference.name) if manifest else None
-        ref = reference_for(reference, known.sha256 if known else None, settings, text)
     report = SmokeReport(
         measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         backend="+".join(backend),
@@ -318,6 +314,11 @@ def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path 
         settings=settings,
         methods=METHODS,
     )
+    _check_others_kept(manifest, report, {t.path.name for t in targets}, out)
+    ref = None
+    if reference is not None:
+        status(f"reference: {reference.name}")
+        ref = reference_for(reference, _reference_sha256(reference, manifest, out), settings, text)
     for t in targets:
         report.artifacts[t.path.name] = smoke_file(t, settings, nvml, ref, status)
         outcome.made.append(t.path.name)
@@ -366,6 +367,33 @@ def resolved(settings: SmokeSettings, quality_text: Path | None = None) -> tuple
     text = _quality.eval_text(quality_text)
     return replace(settings, threads=settings.threads or gpu.physical_cores(), quality_text=text.name,
                    quality_text_sha256=text.sha256), text
+
+
+def _reference_sha256(reference: Path, manifest: mf.Manifest | None, out: Path) -> str:
+    """The sha256 of the bytes every KL divergence will be measured against: the manifest's, where the reference is
+    the file it lists (and still those bytes), else computed now."""
+    known = manifest.artifact_at(reference.name) if manifest and reference.resolve().parent == out.resolve() else None
+    if known is None:
+        return sha256_file(reference)
+    if not matches(reference, known.size, known.sha256, known.mtime_ns):
+        raise MoeprepError(f"the reference {reference} no longer matches the sha256 in its manifest",
+                           "rerun `moeprep convert` to make it again, then smoke again")
+    return known.sha256
+
+
+def _check_others_kept(manifest: mf.Manifest | None, report: SmokeReport, smoking: set[str], out: Path) -> None:
+    """A smoke of some files adds to the results of the others, which one table shows: that needs the same
+    settings and the same kind of machine. Where either differs, smoking part of the directory would drop the
+    others' results, so it is refused."""
+    old = manifest.smoke if manifest else None
+    others = sorted(name for name in (old.artifacts if old else {}) if name not in smoking)
+    if not others or (old.settings == report.settings and old.machine() == report.machine()):
+        return
+    why = "other settings" if old.settings != report.settings else "another machine"
+    raise MoeprepError(f"{out / mf.FILENAME} holds results for {', '.join(others[:3])}{' …' if len(others) > 3 else ''} "
+                       f"measured with {why}; smoking only {', '.join(sorted(smoking))} would drop them",
+                       f"smoke the whole directory (moeprep smoke {shlex.quote(str(out))}), or use the settings "
+                       "its manifest records")
 
 
 def _check_unchanged(target: Target) -> None:

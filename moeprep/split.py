@@ -77,7 +77,8 @@ def shard_artifacts(out: Path, manifest, max_bytes: int, *, dry_run: bool = Fals
         status(f"splitting {a.path} into shards of at most {max_bytes} bytes")
 
         def record(work: list[Path], a=a) -> None:
-            a.shards = [Shard(f"{a.quant}/{p.name}", p.stat().st_size, sha256_file(p), a.sha256, max_bytes) for p in work]
+            a.shards = [Shard(f"{a.quant}/{p.name}", p.stat().st_size, sha256_file(p), a.sha256, max_bytes,
+                              p.stat().st_mtime_ns) for p in work]
             mf.save(out, manifest)
 
         split(out / a.path, out / a.quant, max_bytes, before_rename=record, root=out)

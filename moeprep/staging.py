@@ -1,13 +1,13 @@
 """Staged releases: a branch of the target repo is the only store between a release's CI jobs.
 
-- prepare ends with `stage`: the GGUFs (or their shards), `manifest.json`, `quality.json` and each GGUF's
-  header go to the recipe's staging branch (`hub.staging`, default `moeprep-staging`). Only files the
-  branch lacks with the same sha256 are sent.
+- prepare ends with `stage`: the GGUFs (or their shards), `manifest.json` (with each file's plan, sized by
+  llama.cpp where the file was made) and `quality.json` go to the recipe's staging branch (`hub.staging`,
+  default `moeprep-staging`). Only files the branch lacks with the same sha256 are sent.
 - smoke runs once per quant, on any runner: it reads the staging manifest, pulls just that quant's file
   (verified against the manifest), smokes it and commits `smoke/<quant>.json`. Jobs of different quants
   write different files, so parallel jobs never conflict; a result already staged for these bytes and
   settings is kept without downloading the GGUF.
-- publish (promote.py) reads the staged manifest, results and headers at one staging commit, merges the
+- publish (promote.py) reads the staged manifest and results at one staging commit, merges the
   results into the manifest, renders the card and promotes staging to main in one commit.
 """
 
@@ -28,15 +28,10 @@ from .recipe import Recipe
 from .results import SmokeReport, SmokeSettings
 
 SMOKE_DIR = "smoke"
-HEADERS_DIR = "headers"
 
 
 def smoke_path(label: str) -> str:
     return f"{SMOKE_DIR}/{label}.json"
-
-
-def header_path(artifact_path: str) -> str:
-    return f"{HEADERS_DIR}/{artifact_path}.header"
 
 
 def smoked_labels(r: Recipe) -> list[str]:
@@ -166,22 +161,13 @@ def current_result(staged: Staged, label: str, settings: SmokeSettings) -> Smoke
 
 # --- prepare: stage ------------------------------------------------------------------------------------------
 
-def header(path: Path) -> bytes:
-    """A GGUF's bytes up to its tensor data: metadata and tensor infos, all llama.cpp's no_alloc load reads."""
-    import gguf
-
-    offset = gguf.GGUFReader(path, "r").data_offset
-    with open(path, "rb") as f:
-        return f.read(offset)
-
-
 def blob_ids(data: bytes) -> set[str]:
     """The ids the Hub may list a small file under: its git blob id, or its sha256 when it stored it in LFS."""
     return {hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(), hashlib.sha256(data).hexdigest()}
 
 
 def stage(out: Path, r: Recipe, *, status: Status = quiet) -> Outcome:
-    """Push the prepared directory to the staging branch: GGUFs or shards, manifest, quality record, headers."""
+    """Push the prepared directory to the staging branch: GGUFs or shards, the manifest, the quality record."""
     from huggingface_hub import CommitOperationAdd
 
     from .push import commit, remote_files, token_check
@@ -205,11 +191,6 @@ def stage(out: Path, r: Recipe, *, status: Status = quiet) -> Outcome:
             else:
                 ops.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(out / path)))
                 sizes[path] = size
-        data = header(out / a.path)
-        if remote.get(header_path(a.path)) in blob_ids(data):
-            outcome.kept.append(header_path(a.path))
-        else:
-            ops.append(CommitOperationAdd(path_in_repo=header_path(a.path), path_or_fileobj=data))
     # The staged manifest is prepare's record: smoke results reach the manifest only at publish (on one machine
     # the directory's manifest may hold them from an earlier publish), and a new timestamp alone changes nothing.
     m.smoke = None
@@ -241,7 +222,7 @@ def same_manifest(a: dict, b: dict) -> bool:
 def prepared(r: Recipe, commit: str | None) -> tuple[mf.Manifest | None, str]:
     """Whether the staging branch already holds what prepare would make now from source commit `commit`:
     the same source commit, every file the recipe asks for made with its settings, each staged with its
-    sha256, its header and a current quality record. Reads only the branch's file list and small files.
+    sha256, its plan and a current quality record. Reads only the branch's file list and small files.
     Returns the staged manifest where it does (None where not), and why."""
     from . import mixes
 
@@ -275,8 +256,8 @@ def prepared(r: Recipe, commit: str | None) -> tuple[mf.Manifest | None, str]:
         for path, _, sha, _ in a.upload_files():
             if not staged.holds(path, sha):
                 return None, f"staging lacks {path} with the sha256 the manifest lists"
-        if header_path(a.path) not in staged.files:
-            return None, f"staging lacks {header_path(a.path)}"
+        if a.probe is not None and not a.plans:
+            return None, f"staging's manifest records no plan of {a.path}"
     q = staged.quality
     if (q is None or q.reference_sha256 != base.sha256 or not kld.same_method(q.settings, kld.resolved(smoke_settings(r)))
             or any(q.current(a) is None for a in m.artifacts if a is not base)):

@@ -17,12 +17,11 @@ from .errors import MoeprepError
 from .inputs import short
 from .limits import MAX_TIERS
 from .placement import Placement
-from .plan import plan_file
+from .plan import Plan, contexts_for, from_record, record
 from .probe import probe
 from .results import FlashAttn
 
 TIERS_GIB = (8, 12, 16, 24, 32, 48, 80, 96)
-CONTEXTS = (4096, 16384, 32768)
 # The CUDA context and runtime beyond llama.cpp's buffers: 0.5-1.2 GB measured on an H200 (per-process NVML
 # minus the buffers). A GPU smoke in the manifest replaces this with what it measured.
 HEADROOM_MIB = 1024
@@ -95,14 +94,6 @@ def parse_tiers(text: str) -> list[float]:
     return sizes
 
 
-def contexts_for(trained: int | None, asked: list[int] | None = None) -> list[int]:
-    """The asked contexts (default 4k, 16k, 32k) no longer than the trained maximum, which is added."""
-    chosen = [c for c in (asked or CONTEXTS) if not trained or c <= trained]
-    if trained and trained not in chosen:
-        chosen.append(trained)
-    return sorted(set(chosen))
-
-
 def headroom(manifest: mf.Manifest | None, default_mib: float = HEADROOM_MIB) -> tuple[float, str]:
     """The runtime overhead to keep free below each tier: measured where the manifest has a GPU smoke."""
     measured = [o for r in (manifest.smoke.artifacts.values() if manifest and manifest.smoke else [])
@@ -115,43 +106,61 @@ def headroom(manifest: mf.Manifest | None, default_mib: float = HEADROOM_MIB) ->
 
 def table(folder_or_file: Path, *, tiers_gib: list[float] | None = None, contexts: list[int] | None = None,
           flash_attn: FlashAttn | str = FlashAttn.AUTO, headroom_mib: float | None = None) -> TierTable:
-    """The tier table for every artifact of an output directory, or for one GGUF file."""
-    flash_attn = FlashAttn(flash_attn)
+    """The tier table for every artifact of an output directory, or for one GGUF file, sized now."""
     target = Path(folder_or_file)
     folder = target if target.is_dir() else target.parent
     manifest = mf.load_or_none(folder)
     if target.is_dir():
         if manifest is None or not manifest.artifacts:
             raise MoeprepError(f"no artifacts recorded in {target}", "give a GGUF file, or run `moeprep convert` first")
-        files = [(folder / a.path, a.quant) for a in manifest.artifacts]
+        files = [(folder / a.path, a) for a in manifest.artifacts]
     else:
-        known = manifest.artifact_at(target.name) if manifest else None
-        files = [(target, known.quant if known else target.stem)]
-    room, room_method = headroom(manifest) if headroom_mib is None else (headroom_mib, "as given")
-    trained = next((a.probe.context_length for a in (manifest.artifacts if manifest else []) if a.probe), None)
-    if trained is None and not target.is_dir():
-        trained = probe(target, n_values=[]).context_length
-    ctxs = contexts_for(trained, contexts)
-    result = TierTable([Tier(g, c) for c in ctxs for g in (tiers_gib or TIERS_GIB)], room, room_method, ctxs,
-                       flash_attn)
-    for path, quant in files:
-        artifact = manifest.artifact_at(path.name) if manifest else None
+        files = [(target, manifest.artifact_at(target.name) if manifest else None)]
+    entries = []
+    for path, artifact in files:
+        report = artifact.probe if artifact and artifact.probe and path.stat().st_size == artifact.size else probe(path)
+        ctxs = contexts_for(report.context_length, contexts)
+        plans = {r.ctx: from_record(report, r, flash_attn=flash_attn) for r in record(path, report, ctxs)}
         smoke = manifest.smoke_result(artifact) if manifest and artifact else None
-        measured = {name for name, p in (smoke.placements.items() if smoke else []) if p.gpu_mib() is not None}
+        entries.append((path.name, artifact.quant if artifact else path.stem, plans, smoke))
+    room = headroom(manifest) if headroom_mib is None else (headroom_mib, "as given")
+    return build(entries, tiers_gib, room, FlashAttn(flash_attn))
+
+
+def from_manifest(manifest: mf.Manifest, *, tiers_gib: list[float] | None = None) -> TierTable:
+    """The tier table from the plans the manifest records: what the card shows, without any GGUF."""
+    entries = []
+    for a in manifest.artifacts:
+        plans = {r.ctx: from_record(a.probe, r) for r in a.plans} if a.probe else {}
+        entries.append((a.path, a.quant, plans, manifest.smoke_result(a)))
+    return build(entries, tiers_gib, headroom(manifest), FlashAttn.AUTO)
+
+
+def build(entries: list[tuple[str, str, dict[int, Plan], object]], tiers_gib: list[float] | None,
+          room: tuple[float, str], flash_attn: FlashAttn) -> TierTable:
+    """Fill the table: for each tier and context, each file's placement with the most on the GPU that fits."""
+    ctxs = sorted({ctx for _, _, plans, _ in entries for ctx in plans})
+    result = TierTable([Tier(g, c) for c in ctxs for g in (tiers_gib or TIERS_GIB)], room[0], room[1], ctxs, flash_attn)
+    for name, quant, plans, smoke in entries:
+        measured = {p for p, r in (smoke.placements.items() if smoke else []) if r.gpu_mib() is not None}
         for ctx in ctxs:
-            plan = plan_file(path, ctx, flash_attn=flash_attn)
-            every = next((r.weights_on_gpu for r in plan.rows if r.placement == "cpu-moe"), None)
-            # an N that moves every block's experts is --cpu-moe, the simpler flag
-            rows = sorted((r for r in plan.rows if r.placement == "cpu-moe" or Placement(r.placement).n_cpu_moe is None
-                           or r.weights_on_gpu != every), key=lambda r: Placement(r.placement).order)
+            plan = plans.get(ctx)
+            rows = _choices(plan) if plan else []
             for tier in (t for t in result.tiers if t.ctx == ctx):
-                budget = tier.gib * GIB - room * 2**20
-                best = next((r for r in rows if r.predicted_total <= budget), None)
+                budget = tier.gib * GIB - room[0] * 2**20
+                best = next((r for r in rows if r.compute is not None and r.predicted_total <= budget), None)
                 if best is None:
-                    tier.cells.append(Cell(path.name, quant, None, None, None, None))
+                    tier.cells.append(Cell(name, quant, None, None, None, None))
                     continue
-                tier.cells.append(Cell(path.name, quant, best.placement, best.predicted_total,
+                tier.cells.append(Cell(name, quant, best.placement, best.predicted_total,
                                        plan.weights_total - best.weights_on_gpu,
-                                       command(path.name, best.placement, ctx, flash_attn),
-                                       best.placement in measured))
+                                       command(name, best.placement, ctx, flash_attn), best.placement in measured))
     return result
+
+
+def _choices(plan: Plan) -> list:
+    """A plan's placements from the most on the GPU to the least; an N that moves every block's experts is left out
+    for --cpu-moe, the simpler flag."""
+    every = next((r.weights_on_gpu for r in plan.rows if r.placement == "cpu-moe"), None)
+    return sorted((r for r in plan.rows if r.placement == "cpu-moe" or Placement(r.placement).n_cpu_moe is None
+                   or r.weights_on_gpu != every), key=lambda r: Placement(r.placement).order)

@@ -250,8 +250,8 @@ def edit(path: Path, old: str, new: str, count: int = 1) -> None:
     ("unrendered", "unrendered template syntax"),
     ("empty_cell", "empty table cell"),
     ("figure", "Size is"),
-    ("quality", "quality table: Q8_0: PPL is '5.1234', the manifest says 'not measured'"),
-    ("quality_row", "quality table: lists F16, Q8_0, Q4_K_M, the file table F16, Q8_0, Q4_K_M, Q2_K"),
+    ("quality", "table 'Quality against the F16', row 'Q8_0': PPL is '5.1234', the manifest says 'not measured'"),
+    ("quality_row", "table 'Quality against the F16' lists F16, Q8_0, Q4_K_M; the manifest gives F16, Q8_0, Q4_K_M, Q2_K"),
     ("sha", "does not have the sha256 the card lists"),
     ("missing_file", "does not exist beside the card"),
     ("relative_link", "relative link '../tiny-phimoe-Q2_K-GGUF'"),
@@ -463,3 +463,64 @@ def test_push_manifest_without_artifacts(hub, fresh, write_token):
     result = run("card", fresh, "--push", "--repo-id", "me/empty-GGUF")
     assert result.exit_code == 1
     assert "lists no artifacts" in result.stderr
+
+
+def _hide_and_fake(text: str) -> str:
+    """The issue's attack: the real file table inside an HTML comment (invisible on the Hub) and a fake one below,
+    whose header differs by one space."""
+    lines = text.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith("| File | Quant |"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    real = "".join(lines[start:end])
+    fake = real.replace("| File | Quant |", "| File | Quant  |").replace(" not measured |", " 9999.0 |")
+    return "".join(lines[:start]) + "<!--\n" + real + "-->\n\n" + fake + "".join(lines[end:])
+
+
+@pytest.mark.parametrize("case, change, expect", [
+    ("hidden-table", _hide_and_fake, "HTML (a comment or raw HTML)"),
+    ("front-matter-license", lambda t: t.replace("license: mit", "license: apache-2.0", 1),
+     "front matter: license is 'apache-2.0', the manifest gives 'mit'"),
+    ("front-matter-base-model", lambda t: t.replace("base_model: some-org/tiny-phimoe", "base_model: other/model", 1),
+     "front matter: base_model is 'other/model'"),
+    ("front-matter-extra", lambda t: t.replace("quantized_by: moeprep\n", "quantized_by: moeprep\nthumbnail: x.png\n", 1),
+     "front matter: 'thumbnail' is a field the manifest does not give"),
+    ("model-table", lambda t: t.replace("| Experts | 16 |", "| Experts | 64 |"),
+     "table 'The model', row 'Experts': Value is '64', the manifest says '16'"),
+    ("duplicated-table", lambda t: t.replace("## Method", t[t.index("| Property | Value |"):t.index("## Files")] + "## Method"),
+     "a table under 'Quality against the F16' headed 'Property | Value', which the manifest does not give"),
+    ("method-line", lambda t: t.replace("Sizes and SHA256: of the files", "Sizes and SHA256: of some files"),
+     "the list item 'Sizes and SHA256: of some files"),
+    ("provenance", lambda t: t.replace("Importance matrix: none was used", "Importance matrix: a big one was used"),
+     "differs from what the manifest gives"),
+    ("tier-cell", lambda t: t.replace("| 8 GiB | all on GPU: GPU ", "| 8 GiB | `--cpu-moe`: GPU ", 1),
+     "table 'Which file fits your GPU (predicted, not measured)', row '8 GiB'"),
+    ("plan-cell", lambda t: t.replace("| `gpu` |", "| `gpu` (fast) |", 1), "table 'Offload plan (predicted, not measured)'"),
+    ("usage-code", lambda t: t.replace("--cpu-moe -p", "--cpu-moe -ngl 0 -p", 1), "a code block (sh)"),
+    ("raw-html", lambda t: t.replace("## Method", '<img src="https://example.com/x.png">\n\n## Method'),
+     "HTML (a comment or raw HTML)"),
+    ("inline-html", lambda t: t.replace("## The model", "## The model <span>!</span>"), "inline HTML"),
+    ("removed-section", lambda t: t[:t.index("## Provenance")], "is missing"),
+])
+def test_card_lint_fails_any_change_a_reader_would_see(case, change, expect, good_card):
+    """Issue 18: the lint renders the card again from the manifest and compares what a reader sees."""
+    good_card.write_text(change(good_card.read_text()))
+    problems = lint(good_card)
+    assert any(expect in p for p in problems), problems
+    result = run("card", good_card.parent, "--check", good_card)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_card_lint_fails_a_card_whose_manifest_was_edited(good_card):
+    """A figure changed in the manifest after the card was rendered: the card no longer is what the manifest gives."""
+    data = json.loads((good_card.parent / "manifest.json").read_text())
+    base = next(a for a in data["artifacts"] if a["stage"] == "convert")
+    base["probe"]["expert_count"] = 99
+    (good_card.parent / "manifest.json").write_text(json.dumps(data))
+    assert any("row 'Experts'" in p or "Experts" in p for p in lint(good_card))
+
+
+def test_card_lint_passes_the_card_as_rendered_and_after_a_round_trip(good_card):
+    assert lint(good_card) == []
+    text = good_card.read_text()
+    good_card.write_text(text.replace("\n## ", "\n\n## "))  # blank lines a reader does not see
+    assert lint(good_card) == []

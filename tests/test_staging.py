@@ -106,7 +106,11 @@ def test_staging_three_jobs_through_the_hub_then_nothing_again(hub, tmp_path):
         assert result.quality is not None and result.quality.reference_sha256 == f16.sha256
     assert m.smoke_result(q8).quality.kld_mean < m.smoke_result(q4).quality.kld_mean
     assert "prepare job" in m.smoke.methods["kld"]
-    assert {f"smoke/{q}.json" for q in ("Q8_0", "Q4_K_M")} | {"quality.json", f"headers/{f16.path}.header"} <= set(staged)
+    assert {f"smoke/{q}.json" for q in ("Q8_0", "Q4_K_M")} | {"quality.json"} <= set(staged)
+    # publish renders the card from the manifest alone: every file's plan is in it, sized where the files were
+    assert not [p for p in staged if p.startswith("headers/")]
+    assert all(a.plans and not any(r.why_not for r in a.plans) for a in m.artifacts)
+    assert not list((tmp_path / "run1" / "publish").rglob("*.gguf"))  # no GGUF, not even a stand-in
 
     # prepare uploaded each GGUF once; the smoke jobs fetched only the file each measures, nothing else heavy;
     # publish fetched no GGUF and uploaded none: main's commit references the LFS objects staging holds

@@ -12,7 +12,7 @@ from ..errors import MoeprepError
 from ..lock import locked
 from ..options import card_options, json_option
 from ..output import emit, status
-from .. import card as card_stage
+from .. import cardstage as card_stage
 from .. import release as release_stage
 
 
