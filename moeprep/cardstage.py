@@ -14,6 +14,7 @@ from pathlib import Path
 from . import manifest as mf
 from . import plan as plan_stage
 from .card import PLOT, base_model, render
+from .shell import hint
 from .errors import IntegrityError, MoeprepError
 from .files import matches, write_aside, write_text
 from .inputs import read_bytes
@@ -81,7 +82,7 @@ def write(out: Path, options: CardOptions | None = None, *, dry_run: bool = Fals
         plan_stage.stage(out, m, save=not dry_run, status=status)
     if missing := [a.path for a in m.artifacts if a.probe and not a.plans]:
         raise MoeprepError(f"no plan of {missing[0]} is recorded, and the card shows one",
-                           f"run `moeprep card` where the GGUFs are, or `moeprep plan {out / missing[0]}` there")
+                           f"run `moeprep card` where the GGUFs are, or {hint('moeprep', 'plan', out / missing[0])} there")
     m.card = card_record(m, options)
     if not dry_run:
         mf.save(out, m)

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import click
 
 from .files import human_bytes as hb
+from .shell import command
 from .results import text
 
 
@@ -189,7 +190,7 @@ def demo_lines(done) -> list[str]:
     lines += smoke_lines(done.smoke.result) if done.smoke.result else ["smoke: every file's recorded smoke is up to date"]
     lines += plan_lines(done.plan)
     lines += [f"card: {p}" for p in done.card.result]
-    lines.append(f"next: moeprep probe {done.out / done.plan.file}")
+    lines.append(f"next: {command('moeprep', 'probe', done.out / done.plan.file)}")
     return lines
 
 

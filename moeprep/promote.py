@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import hub, kld
 from . import manifest as mf
+from .shell import hint
 from .errors import IntegrityError, MoeprepError
 from .files import write_json
 from .outcome import Outcome, Status, quiet
@@ -35,7 +36,7 @@ def merge(staged: Staged, r: Recipe) -> mf.Manifest:
     labels = smoked_labels(r)
     if missing := [x for x in labels if current_result(staged, x, settings) is None]:
         raise MoeprepError(f"{where} has no current smoke result for {', '.join(missing)}",
-                           f"run `moeprep release {r.path} --stages smoke --quant {missing[0]}`")
+                           f"run {hint('moeprep', 'release', r.path, '--stages', 'smoke', '--quant', missing[0])}")
     reports = [staged.smoke[x] for x in labels]
     machines = {rep.machine() for rep in reports}
     if len(machines) > 1:
@@ -44,7 +45,7 @@ def merge(staged: Staged, r: Recipe) -> mf.Manifest:
         raise MoeprepError(f"{where}: the smoke results were measured on different machines ({by}); one card states one",
                            "give the smoke jobs one kind of runner (a runs-on label) and run them again")
     if q is None:
-        raise MoeprepError(f"{where} has no {kld.FILENAME}", f"run `moeprep release {r.path} --stages prepare` again")
+        raise MoeprepError(f"{where} has no {kld.FILENAME}", f"run {hint('moeprep', 'release', r.path, '--stages', 'prepare')} again")
     latest = max(reports, key=lambda rep: rep.measured_at)
     merged = SmokeReport(measured_at=latest.measured_at, backend=latest.backend, nvml=latest.nvml,
                          hardware=latest.hardware, tools=latest.tools, settings=latest.settings,
@@ -55,7 +56,7 @@ def merge(staged: Staged, r: Recipe) -> mf.Manifest:
         entry = q.current(a)
         if entry is None:
             raise MoeprepError(f"{where}: {kld.FILENAME} has no quality of {a.path} as staged",
-                               f"run `moeprep release {r.path} --stages prepare` again")
+                               f"run {hint('moeprep', 'release', r.path, '--stages', 'prepare')} again")
         result.quality = entry.quality
         first = next(iter(result.placements.values()), None)
         if first is not None and kld.collapses(q, first.greedy_tokens):
@@ -77,7 +78,7 @@ def publish_card(out: Path, r: Recipe, *, status: Status = quiet) -> tuple[Outco
     staged = read(r, results=True)
     if staged is None or staged.manifest is None:
         raise MoeprepError(f"{r.hub.repo_id}@{r.hub.staging} holds nothing to publish",
-                           f"run `moeprep release {r.path} --stages prepare` first")
+                           f"run {hint('moeprep', 'release', r.path, '--stages', 'prepare')} first")
     m = merge(staged, r)
     options = card_options(r)
     options.max_shard = None  # prepare split what was too large; the manifest lists the shards
@@ -127,11 +128,11 @@ def promote(out: Path, r: Recipe, staged: Staged | None = None, *, status: Statu
     out = Path(out)
     staged = staged or read(r)
     if staged is None:
-        raise MoeprepError(f"{r.hub.repo_id}@{r.hub.staging} does not exist", f"run `moeprep release {r.path}` first")
+        raise MoeprepError(f"{r.hub.repo_id}@{r.hub.staging} does not exist", f"run {hint('moeprep', 'release', r.path)} first")
     m = mf.load(out)
     card = out / "README.md"
     if not card.is_file():
-        raise MoeprepError(f"{card} does not exist", f"run `moeprep release {r.path} --stages publish`")
+        raise MoeprepError(f"{card} does not exist", f"run {hint('moeprep', 'release', r.path, '--stages', 'publish')}")
     if problems := lint(card, m, check_files=False):
         raise MoeprepError(f"card lint failed for {card} ({len(problems)} problems; first: {problems[0]})",
                            "nothing was promoted")

@@ -16,6 +16,7 @@ from pathlib import Path
 from . import hub
 from . import manifest as mf
 from .card import PLOT
+from .shell import hint
 from .errors import HubError, MoeprepError
 from .files import git_blob_sha1, sha256_file
 from .layout import repos
@@ -103,7 +104,7 @@ def push(out: Path, repo_id: str, *, layout: str = "single", revision: str | Non
     token_check(dry_run)
     result = PushResult(dry_run, [])
     outcome = Outcome("push", result=result)
-    render = f"`moeprep card {out} --repo-id {repo_id}" + (f" --layout {layout}`" if layout != "single" else "`")
+    render = hint("moeprep", "card", out, "--repo-id", repo_id, *(["--layout", layout] if layout != "single" else []))
     for repo in repos(m, repo_id, layout):
         card = out / repo.card
         _check_card(card, repo.repo_id, m, render, dry_run)
@@ -141,7 +142,7 @@ def _check_card(card: Path, repo_id: str, m: mf.Manifest, render: str, dry_run: 
     if problems := lint(card, m):
         raise MoeprepError(f"card lint failed for {card.name} ({len(problems)} problem{'s' * (len(problems) != 1)}; "
                            f"first: {problems[0]})",
-                           f"run `moeprep card {card.parent} --check {card}` to see them all; nothing was pushed")
+                           f"run {hint('moeprep', 'card', '--check', card)} to see them all; nothing was pushed")
 
 
 def _mentions(text: str, repo_id: str) -> bool:

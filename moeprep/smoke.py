@@ -10,7 +10,6 @@ is the evidence of where each tensor went and what the context ran with.
 from __future__ import annotations
 
 import os
-import shlex
 import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
@@ -24,6 +23,7 @@ from . import manifest as mf
 from . import placement as placements_
 from .errors import MoeprepError
 from .files import human_bytes, matches, sha256_file
+from .shell import hint
 from .libllama import ContextParams, loaded_model, new_context, session, tokenize
 from .llamalog import LoadLog, parse_log
 from .outcome import Outcome, Status, quiet
@@ -392,7 +392,7 @@ def _check_others_kept(manifest: mf.Manifest | None, report: SmokeReport, smokin
     why = "other settings" if old.settings != report.settings else "another machine"
     raise MoeprepError(f"{out / mf.FILENAME} holds results for {', '.join(others[:3])}{' …' if len(others) > 3 else ''} "
                        f"measured with {why}; smoking only {', '.join(sorted(smoking))} would drop them",
-                       f"smoke the whole directory (moeprep smoke {shlex.quote(str(out))}), or use the settings "
+                       f"smoke the whole directory ({hint('moeprep', 'smoke', out)}), or use the settings "
                        "its manifest records")
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import hub, kld
 from . import manifest as mf
+from .shell import hint
 from .errors import MoeprepError
 from .outcome import Outcome, Status, quiet
 from .recipe import Recipe
@@ -288,14 +289,14 @@ def smoke(out: Path, r: Recipe, quants: list[str] | None = None, *, status: Stat
     staged = read(r, results=True)
     if staged is None or staged.manifest is None:
         raise MoeprepError(f"{r.hub.repo_id}@{r.hub.staging} holds nothing to smoke",
-                           f"run `moeprep release {r.path} --stages prepare` first")
+                           f"run {hint('moeprep', 'release', r.path, '--stages', 'prepare')} first")
     settings = smoke_settings(r)
     outcome = Outcome("smoke")
     for label in labels:
         a = staged.manifest.artifact(label)
         if a is None:
             raise MoeprepError(f"{r.hub.repo_id}@{r.hub.staging} has no {label}",
-                               f"run `moeprep release {r.path} --stages prepare` again")
+                               f"run {hint('moeprep', 'release', r.path, '--stages', 'prepare')} again")
         if current_result(staged, label, settings) is not None:
             outcome.kept.append(smoke_path(label))
             continue

@@ -7,6 +7,7 @@ the output directory changed and no listed file changed.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -141,3 +142,43 @@ def test_a_shard_outside_its_folder_is_refused(world):
         {"path": "Q2_K/x-00001-of-00002.gguf", "size": 1, "sha256": "0" * 64}]))
     line = run_refused(["smoke", str(d)], d, victim)
     assert "shard 'Q2_K/x-00001-of-00002.gguf' is outside its folder Q8_0/" in line
+
+
+def test_smoking_one_file_keeps_the_others_or_refuses(smoked, tmp_path):
+    """Issue 18: a smoke of one file adds to the directory's results when it measures the same way on the same
+    machine, and is refused where it would drop them."""
+    src, _ = smoked
+    d = linked_copy(src, tmp_path / "out")
+    before = mf.load(d).smoke
+    other = sorted(set(before.artifacts) - {"tiny-phimoe-Q8_0.gguf"})
+    line = run_refused(["smoke", str(d / "tiny-phimoe-Q8_0.gguf"), "--runs", "1"], d)
+    assert line.startswith(f"Error: {d / 'manifest.json'} holds results for ") and "other settings" in line
+    s = before.settings
+    same = ["smoke", str(d / "tiny-phimoe-Q8_0.gguf"), "--runs", str(s.runs), "--quality-ctx", str(s.quality_ctx),
+            "--quality-chunks", str(s.quality_chunks)]
+    result = CliRunner().invoke(main, same)
+    assert result.exit_code == 0, result.output
+    after = mf.load(d).smoke
+    assert sorted(set(after.artifacts) - {"tiny-phimoe-Q8_0.gguf"}) == other
+    assert all(after.artifacts[n] == before.artifacts[n] for n in other)
+
+
+def test_card_keeps_the_source_readme_it_converted(checkpoints, tmp_path):
+    """Issue 18: the card inherits from the README whose sha256 the manifest records, not from whatever the source
+    folder holds now."""
+    from moeprep.pipeline import prepare
+
+    src = tmp_path / "model"
+    shutil.copytree(checkpoints["mixtral"], src)
+    out = tmp_path / "out"
+    prepare(str(src), out=out, quants=["Q8_0"])
+    (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n\nSomething else.\n")
+    assert CliRunner().invoke(main, ["card", str(out), "--base-model", "some-org/m"]).exit_code == 0
+    text = (out / "README.md").read_text()
+    assert "license: mit" in text and "apache-2.0" not in text
+    # a manifest from before moeprep kept the README's fields reads it again, and only as recorded
+    data = json.loads((out / "manifest.json").read_text())
+    data["source"]["card"] = None
+    (out / "manifest.json").write_text(json.dumps(data))
+    line = run_refused(["card", str(out), "--base-model", "some-org/m"], out)
+    assert "the source's README.md as recorded" in line

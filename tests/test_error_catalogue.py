@@ -106,7 +106,96 @@ CASES = [
     ("recipe-n-cpu-moe-huge", lambda t, d: ["release", str(recipe(t, {"smoke.placements": ["n-cpu-moe=99999999999"]})),
                                             "--dry-run"],
      "Error: {tmp}/bad.yaml"),
+    # issue 18: every input bounded before work starts
+    ("smoke-ctx-huge", lambda t, d: ["smoke", str(d.dir), "--ctx", "99999999999"],
+     "Error: Invalid value for '--ctx': 99999999999 is not in the range 64<=x<=16777216 (see `moeprep smoke --help`)"),
+    ("smoke-ctx-wraps-uint32", lambda t, d: ["smoke", str(d.dir), "--ctx", "4294967296"],
+     "Error: Invalid value for '--ctx': 4294967296 is not in the range"),
+    ("smoke-ctx-over-trained", lambda t, d: ["smoke", str(d.dir), "--ctx", "16384"],
+     "Error: --ctx 16384 is longer than the 8192 tokens tiny-phimoe-F16.gguf was trained for (give --ctx 8192 or less)"),
+    ("smoke-quality-ctx-over-trained", lambda t, d: ["smoke", str(d.dir), "--quality-ctx", "9000"],
+     "Error: --quality-ctx 9000 is longer than the 8192 tokens"),
+    ("smoke-threads-huge", lambda t, d: ["smoke", str(d.dir), "--threads", "100000"],
+     "Error: Invalid value for '--threads': 100000 is not in the range 1<=x<=512"),
+    ("smoke-threads-over-cpus", lambda t, d: ["smoke", str(d.dir), "--threads", "512"],
+     f"Error: --threads 512 is more than the {os.cpu_count()} CPUs this machine has"),
+    ("smoke-tokens-over-ctx", lambda t, d: ["smoke", str(d.q8), "--tokens", "600", "--placement", "gpu"],
+     "Error: the prompt ("),
+    ("smoke-runs-huge", lambda t, d: ["smoke", str(d.dir), "--runs", "1000000"],
+     "Error: Invalid value for '--runs': 1000000 is not in the range 1<=x<=100"),
+    ("smoke-quality-text-dev-zero", lambda t, d: ["smoke", str(d.dir), "--quality-text", "/dev/zero"],
+     "Error: the evaluation text /dev/zero is not a regular file"),
+    ("smoke-quality-text-fifo", lambda t, d: ["smoke", str(d.dir), "--quality-text", str(_fifo(t / "fifo"))],
+     "Error: the evaluation text {tmp}/fifo is not a regular file"),
+    ("imatrix-text-dev-zero", lambda t, d: ["imatrix", str(d.dir / "tiny-phimoe-F16.gguf"), "--text", "/dev/zero",
+                                            "--out", str(t / "i.gguf")],
+     "Error: calibration text /dev/zero is not a regular file (give a plain-text file)"),
+    ("imatrix-ctx-over-trained", lambda t, d: ["imatrix", str(d.dir / "tiny-phimoe-F16.gguf"), "--text",
+                                               str(TINY_RECIPE), "--ctx", "100000", "--out", str(t / "i.gguf")],
+     "Error: --ctx 100000 is longer than the 8192 tokens tiny-phimoe-F16.gguf was trained for"),
+    ("recipe-alias-bomb", lambda t, d: ["release", str(_file(t / "bomb.yaml", BOMB)), "--dry-run"],
+     "Error: {tmp}/bomb.yaml is not valid YAML (anchors (&a) are not allowed here)"),
+    ("recipe-huge", lambda t, d: ["release", str(_file(t / "huge.yaml", b"name: x\n" + b"#" * 300_000)), "--dry-run"],
+     "Error: recipe {tmp}/huge.yaml is 300,008 bytes; moeprep reads at most 262,144"),
+    ("recipe-long-value-quoted-short", lambda t, d: ["release", str(recipe(t, {"smoke.runs": "9" * 5000})), "--dry-run"],
+     "Error: {tmp}/bad.yaml: smoke.runs must be an integer, not str '999999999999999999999999"),
+    ("probe-claims-1000-blocks", lambda t, d: ["probe", str(_claims(t / "claims.gguf", 1000))],
+     "Error: {tmp}/claims.gguf claims 1000 blocks and has tensors for 1"),
+    ("tiers-too-many", lambda t, d: ["plan", str(d.q8), "--tiers", ",".join(["8"] * 100)],
+     "Error: 100 GPU sizes is more than a table can show (give at most 64)"),
+    ("vram-over-a-pib", lambda t, d: ["plan", str(d.q8), "--vram", "99999TB"],
+     "Error: GPU memory size '99999TB' is over 1 PiB"),
+    ("plan-ctx-huge", lambda t, d: ["plan", str(d.q8), "--ctx", "4294967296"],
+     "Error: Invalid value for '--ctx': 4294967296 is not in the range 1<=x<=16777216"),
+    # issue 18: results bound to bytes
+    ("smoke-reference-changed", lambda t, d: ["smoke", str(d.q8), "--reference", str(_rewritten(d.dir / "tiny-phimoe-F16.gguf")),
+                                              "--placement", "gpu", "--runs", "1"],
+     "Error: the reference {dir}/tiny-phimoe-F16.gguf no longer matches the sha256 in its manifest"),
+    ("card-files-not-the-manifests", lambda t, d: ["card", str(d.dir), "--repo-id", "me/x-GGUF"]
+     if _rewritten(d.dir / "tiny-phimoe-Q2_K.gguf") else [],
+     "Error: {dir}/tiny-phimoe-Q2_K.gguf is not the bytes the manifest records (sha256 differs), so no card can vouch for it"),
 ]
+
+BOMB = b"""a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _claims(path: Path, blocks: int) -> Path:
+    """A tiny GGUF whose header claims `blocks` blocks, with tensors for one."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(blocks)
+    w.add_expert_count(8)
+    w.add_tensor("blk.0.ffn_up_exps.weight", np.zeros((2, 2, 2), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _rewritten(path: Path) -> Path:
+    """The file with one byte changed in a copy of its own (the directory's GGUFs are hard links to the session's)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.unlink()
+    path.write_bytes(bytes(data))
+    return path
 
 
 class Converted:

@@ -54,3 +54,33 @@ def test_pull_refuses_bytes_the_manifest_does_not_list(hub, converted_phimoe, wr
 def test_pull_bad_repo_id_makes_nothing(hub, tmp_path):
     assert run("pull", "../etc", "--out", tmp_path / "x").stderr.startswith("Error: '../etc' is not a Hub repo id")
     assert not (tmp_path / "x").exists()
+
+
+def test_pull_into_a_directory_keeps_its_own_records_and_refuses_to_replace_them(hub, converted_phimoe, write_token,
+                                                                                tmp_path):
+    """Issue 18: pulling into an existing directory merges into its manifest; a record it would replace is refused."""
+    src = tmp_path / "src"
+    shutil.copytree(converted_phimoe, src, ignore=shutil.ignore_patterns(".moeprep.lock"))
+    assert run("card", src, "--repo-id", "me/tiny-merge-GGUF", "--push").exit_code == 0
+    local = tmp_path / "local"
+    shutil.copytree(converted_phimoe, local, ignore=shutil.ignore_patterns(".moeprep.lock"))
+    made = run("quantize", local / "tiny-phimoe-F16.gguf", "--quant", "Q5_K_M")  # a quant only this directory has
+    assert made.exit_code == 0, made.output
+    result = run("pull", "me/tiny-merge-GGUF", "--quant", "Q4_K_M", "--out", local)
+    assert result.exit_code == 0, result.output
+    m = mf.load(local)
+    assert m.artifact("Q5_K_M") is not None and m.artifact("Q4_K_M") is not None  # the local record is kept
+
+    other = tmp_path / "other"
+    shutil.copytree(converted_phimoe, other, ignore=shutil.ignore_patterns(".moeprep.lock"))
+    data = json.loads((other / "manifest.json").read_text())
+    q4 = next(a for a in data["artifacts"] if a["quant"] == "Q4_K_M")
+    q4["sha256"] = "0" * 64  # a local record of other bytes under the same name
+    (other / "manifest.json").write_text(json.dumps(data))
+    before = (other / "manifest.json").read_bytes()
+    refused = run("pull", "me/tiny-merge-GGUF", "--quant", "Q4_K_M", "--out", other)
+    assert refused.exit_code == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"Error: pulling would replace the record of tiny-phimoe-Q4_K_M.gguf in {other / 'manifest.json'} with the "
+        "repo's tiny-phimoe-Q4_K_M.gguf (other bytes) (pull into another --out)")
+    assert (other / "manifest.json").read_bytes() == before

@@ -32,7 +32,7 @@ class Group(click.Group):
         except click.BadParameter as e:  # a value out of its range: a user error, said on one line like the others
             if ctx.params.get("debug") or os.environ.get("MOEPREP_DEBUG"):
                 raise
-            where = e.ctx.command_path if e.ctx else "moeprep"
+            where = f"moeprep {e.ctx.info_name}" if e.ctx and e.ctx.parent else "moeprep"
             click.echo(f"Error: {e.format_message().rstrip('.')} (see `{where} --help`)", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
