@@ -12,7 +12,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from .errors import MoeprepError
+from moeprep.errors import MoeprepError
 
 
 def template(name: str = "model_card.md.j2") -> Path:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-from .errors import MoeprepError
+from moeprep.errors import MoeprepError
 
 CHUNK = 8 * 1024 * 1024  # large reads keep hashlib near its ~1.4 GB/s on this hardware
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import MoeprepError
+from moeprep.errors import MoeprepError
 
 KIB, MIB = 2**10, 2**20
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import MoeprepError
+from moeprep.errors import MoeprepError
 
 LOCK = ".moeprep.lock"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .errors import MoeprepError
+from moeprep.errors import MoeprepError
 
 # What ggml_quantize_chunk can write (ggml/src/ggml.c); any other ggml type (Q8_K, I8, F64, ...) aborts llama.cpp.
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_XS",
@@ -54,7 +54,7 @@ class Target:
 
     @property
     def needs_imatrix(self) -> bool:
-        from .quantize import NEEDS_IMATRIX
+        from moeprep.stages.quantize import NEEDS_IMATRIX
 
         return self.ftype in NEEDS_IMATRIX or any(r.type in TYPES_NEED_IMATRIX for r in self.rules)
 

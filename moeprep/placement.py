@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import MoeprepError
+from moeprep.errors import MoeprepError
 
 # llama.cpp's --cpu-moe override; searched anywhere in a tensor name, so `.bias` matches too.
 CPU_MOE_PATTERN = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"

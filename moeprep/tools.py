@@ -8,7 +8,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from . import __version__
+from moeprep import __version__
 
 
 def _version(dist: str) -> str | None:
@@ -51,7 +51,7 @@ def gguf_origin(root: Path | None = None) -> dict:
 
 
 def versions() -> dict:
-    from .libllama import versions as llama_versions
+    from moeprep.llama.lib import versions as llama_versions
 
     origin = gguf_origin()
     return {

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from .errors import MoeprepError
-from .inputs import short
-from .limits import MAX_SIZE
+from moeprep.errors import MoeprepError
+from moeprep.inputs import short
+from moeprep.limits import MAX_SIZE
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,

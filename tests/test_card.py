@@ -9,11 +9,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from moeprep import card, manifest as mf
 from moeprep.assets import template as shipped_template
-from moeprep.lint import lint
+from moeprep.card import render as card
+from moeprep.card.lint import lint
 from moeprep.cli import main
-from moeprep.pipeline import prepare
+from moeprep.records import manifest as mf
+from moeprep.stages.pipeline import prepare
 from tests.llm import generate
 
 DATA = Path(__file__).parent / "data"
@@ -192,10 +193,18 @@ def test_card_results_of_other_bytes_are_not_shown(smoked, tmp_path):
 
 def test_card_vram_is_the_placements_gpu_buffers_with_the_overhead_stated_once(fresh):
     """A GPU smoke, recorded: the H200 run's load log for the buffers, NVML readings for the process."""
-    from moeprep.gpu import hardware
-    from moeprep.results import (FileResult, GpuInfo, PlacementResult, SmokeReport, SmokeSettings, Statistic,
-                                 Tokens, Vram)
-    from moeprep.smoke import METHODS, parse_log
+    from moeprep.hardware import hardware
+    from moeprep.records.results import (
+        FileResult,
+        GpuInfo,
+        PlacementResult,
+        SmokeReport,
+        SmokeSettings,
+        Statistic,
+        Tokens,
+        Vram,
+    )
+    from moeprep.stages.smoke import METHODS, parse_log
 
     m = mf.load(fresh)
     a = m.artifact("Q4_K_M")

@@ -10,9 +10,9 @@ import pytest
 import sentencepiece as spm
 from click.testing import CliRunner
 
-from moeprep import manifest as mf
+from moeprep.card.lint import lint
 from moeprep.cli import main
-from moeprep.lint import lint
+from moeprep.records import manifest as mf
 from tests.llm import generate
 
 

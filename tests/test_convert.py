@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from moeprep import manifest as mf
 from moeprep.cli import main
-from moeprep.pipeline import prepare
+from moeprep.records import manifest as mf
+from moeprep.stages.pipeline import prepare
 from tests.llm import generate
 
 QUANTS = ["F16", "Q8_0", "Q4_K_M", "Q2_K"]
@@ -60,7 +60,7 @@ def test_convert_local_checkpoints_load_and_generate(converted_local, kind):
 
 
 def test_convert_k_quants_really_apply(converted_phimoe):
-    from moeprep.probe import probe
+    from moeprep.ggufio.probe import probe
 
     types = {t.type for layer in probe(converted_phimoe / "tiny-phimoe-Q2_K.gguf").layers for t in layer.experts}
     assert types <= {"Q2_K", "Q3_K", "Q4_K"} and "Q2_K" in types
@@ -102,7 +102,8 @@ def test_convert_killed_mid_run_resumes(checkpoints, tmp_path):
     cmd = [sys.executable, "-m", "moeprep.cli", "convert", str(checkpoints["phimoe"]), "--out", str(out)]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (out / "tiny-phimoe-F16.gguf.partial").exists() and time.monotonic() < deadline:
+    partial = out / "tiny-phimoe-F16.gguf.partial"  # made empty by moeprep, then written by the converter
+    while not (partial.is_file() and partial.stat().st_size > 0) and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the converter child goes down with it
     proc.wait()

@@ -12,15 +12,24 @@ from pathlib import Path
 
 import pytest
 
-from moeprep import card, plan as plan_mod, smoke
-from moeprep.libllama import ContextParams, simulate_context, versions
-from moeprep.manifest import Artifact, Manifest, Source
-from moeprep.plan import cuda_flash_attn, kv_cache_bytes, plan_file
-from moeprep.probe import probe
-from moeprep.results import (FileResult, GpuInfo, Hardware, PlacementResult, SmokeReport, SmokeSettings, Statistic,
-                             Tokens)
-from moeprep.tiers import table
-
+from moeprep.card import render as card
+from moeprep.ggufio.probe import probe
+from moeprep.llama.lib import ContextParams, simulate_context, versions
+from moeprep.predict import plan as plan_mod
+from moeprep.predict.plan import cuda_flash_attn, kv_cache_bytes, plan_file
+from moeprep.predict.tiers import table
+from moeprep.records.manifest import Artifact, Manifest, Source
+from moeprep.records.results import (
+    FileResult,
+    GpuInfo,
+    Hardware,
+    PlacementResult,
+    SmokeReport,
+    SmokeSettings,
+    Statistic,
+    Tokens,
+)
+from moeprep.stages import smoke
 from tests import ggufs
 from tests.evidence import FA, FIT_FA, ROWS, evidence_gguf, load_log, ph32k
 

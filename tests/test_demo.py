@@ -11,9 +11,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from moeprep import train
 from moeprep.cli import main
-from moeprep.demo import checkpoint
+from moeprep.demo import train
+from moeprep.demo.run import checkpoint
 
 SHORT = train.Schedule(steps=10, batch=4, seq=64, warmup=2)
 

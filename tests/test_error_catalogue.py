@@ -16,8 +16,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from moeprep import manifest as mf
 from moeprep.cli import main
+from moeprep.records import manifest as mf
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_RECIPE = ROOT / "tests" / "data" / "recipes" / "tiny-phimoe.yaml"

@@ -27,8 +27,8 @@ from typing import Callable
 import pytest
 from click.testing import CliRunner
 
-from moeprep import manifest as mf
 from moeprep.cli import main
+from moeprep.records import manifest as mf
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "recipes" / "tiny-phimoe.yaml"

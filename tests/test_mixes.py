@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from moeprep import imatrix as imatrix_stage
-from moeprep import manifest as mf
-from moeprep import mixes, recipe
+from moeprep import mixes
 from moeprep.cli import main
 from moeprep.errors import MoeprepError
 from moeprep.files import sha256_file
-from moeprep.pipeline import quantize_model
+from moeprep.records import manifest as mf
+from moeprep.release import recipe
+from moeprep.stages import imatrix as imatrix_stage
+from moeprep.stages.pipeline import quantize_model
 from tests.llm import generate
 
 ROOT = Path(__file__).resolve().parent.parent

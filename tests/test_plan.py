@@ -12,16 +12,34 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from moeprep import manifest as mf, plan as plan_mod
 from moeprep.cli import main
-from moeprep.libllama import versions
-from moeprep.plan import kv_cache_bytes, plan_file, predict, read_simulation
-from moeprep.probe import probe
-from moeprep.results import Buffer, FileResult, PlacementResult, Runtime, Statistic, Tokens
+from moeprep.ggufio.probe import probe
+from moeprep.llama.lib import versions
+from moeprep.predict import plan as plan_mod
+from moeprep.predict.plan import kv_cache_bytes, plan_file, predict, read_simulation
+from moeprep.records import manifest as mf
+from moeprep.records.results import (
+    Buffer,
+    FileResult,
+    PlacementResult,
+    Runtime,
+    Statistic,
+    Tokens,
+)
 from moeprep.units import parse_size
-
-from tests.evidence import (BLOCKS, DATA, EXPERTS, FF, FIT_MATRIX, ROWS, SHARED, SMOKE_H200, WEIGHTS_TOTAL, WIDTH,
-                            evidence_gguf)
+from tests.evidence import (
+    BLOCKS,
+    DATA,
+    EXPERTS,
+    FF,
+    FIT_MATRIX,
+    ROWS,
+    SHARED,
+    SMOKE_H200,
+    WEIGHTS_TOTAL,
+    WIDTH,
+    evidence_gguf,
+)
 
 MIB = 2**20
 GPU_BUILD = bool(versions()["gpu_offload"])

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from moeprep.cli import main
-from moeprep.probe import CPU_MOE_PATTERN, n_cpu_moe_patterns, probe
+from moeprep.ggufio.probe import CPU_MOE_PATTERN, n_cpu_moe_patterns, probe
 from tests import ggufs
 from tests.llm import generate
 

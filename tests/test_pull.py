@@ -8,8 +8,8 @@ import shutil
 
 from click.testing import CliRunner
 
-from moeprep import manifest as mf
 from moeprep.cli import main
+from moeprep.records import manifest as mf
 
 
 def run(*args):

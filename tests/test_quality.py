@@ -13,10 +13,12 @@ import pytest
 from click.testing import CliRunner
 
 import moeprep
-from moeprep import gpu, quality, smoke
+from moeprep import hardware as gpu
 from moeprep.cli import main
-from moeprep.libllama import program
-from moeprep.results import SmokeSettings
+from moeprep.llama.lib import program
+from moeprep.quality import scoring as quality
+from moeprep.records.results import SmokeSettings
+from moeprep.stages import smoke
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL = Path(moeprep.__file__).parent / "data" / quality.EVAL_TEXT

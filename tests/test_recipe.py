@@ -6,9 +6,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from moeprep import recipe
 from moeprep.cli import main
 from moeprep.errors import MoeprepError
+from moeprep.release import recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "recipes" / "tiny-phimoe.yaml"

@@ -13,10 +13,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from moeprep import manifest as mf, recipe
 from moeprep.cli import main
 from moeprep.errors import MoeprepError
 from moeprep.lock import locked
+from moeprep.records import manifest as mf
+from moeprep.release import recipe
 from moeprep.tools import versions
 from tests.llm import generate
 

@@ -11,12 +11,25 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from moeprep import gpu, manifest as mf, placement, quality, smoke
+from moeprep import hardware as gpu
+from moeprep import placement
 from moeprep.cli import main
-from moeprep.libllama import versions
-from moeprep.plan import predict
-from moeprep.probe import probe
-from moeprep.results import FileResult, GpuInfo, Override, PlacementResult, SmokeReport, SmokeSettings, Statistic, Tokens
+from moeprep.ggufio.probe import probe
+from moeprep.llama.lib import versions
+from moeprep.predict.plan import predict
+from moeprep.quality import scoring as quality
+from moeprep.records import manifest as mf
+from moeprep.records.results import (
+    FileResult,
+    GpuInfo,
+    Override,
+    PlacementResult,
+    SmokeReport,
+    SmokeSettings,
+    Statistic,
+    Tokens,
+)
+from moeprep.stages import smoke
 
 DATA = Path(__file__).parent / "data"
 # What this machine's build and driver should give: the suite runs on a CPU build here and on a CUDA

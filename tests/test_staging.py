@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from moeprep import manifest as mf
+from moeprep.records import manifest as mf
 from tests.hub_server import WRITE_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import click
 
-from .. import __version__
-from ..errors import MoeprepError
-from ..lock import locked
+from moeprep import __version__
+from moeprep.errors import MoeprepError
+from moeprep.lock import locked
 
 
 class Group(click.Group):
@@ -59,7 +59,7 @@ def writing(directory: Path, what: str, dry_run: bool = False):
 def _version(ctx: click.Context, param, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from ..libllama import versions
+    from moeprep.llama.lib import versions
 
     v = versions()
     click.echo(f"moeprep {__version__} (llama.cpp {v['llama_cpp_commit']}, llama-cpp-python {v['llama_cpp_python']})")
@@ -79,10 +79,10 @@ def main(debug: bool, quiet: bool) -> None:
       moeprep convert microsoft/Phi-3.5-MoE-instruct
     """
     if quiet:
-        from .. import progress
+        from moeprep import progress
 
         progress.disable()
 
 
 # The commands register themselves on `main` when their modules are imported.
-from . import publish, stages  # noqa: E402,F401
+from moeprep.cli import publish, stages  # noqa: E402,F401

@@ -1,5 +1,5 @@
 """`python -m moeprep.cli`: the moeprep command, as the tests and CI jobs run it."""
 
-from . import main
+from moeprep.cli import main
 
 main()

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import click
 
-from . import main, writing
-from .. import output
-from ..errors import MoeprepError
-from ..lock import locked
-from ..options import card_options, json_option
-from ..output import emit, status
-from .. import cardstage as card_stage
-from .. import release as release_stage
+from moeprep.cli import main, output, writing
+from moeprep.cli.options import card_options, json_option
+from moeprep.cli.output import emit, status
+from moeprep.errors import MoeprepError
+from moeprep.lock import locked
+from moeprep.release import run as release_stage
+from moeprep.stages import card as card_stage
 
 
 @main.command()
@@ -37,7 +36,7 @@ def card(directory, repo_id, layout, template, max_shard, quantized_by, base_mod
     Example:
       moeprep card Phi-3.5-MoE-instruct-GGUF --repo-id me/Phi-3.5-MoE-instruct-GGUF --push
     """
-    from ..lint import lint
+    from moeprep.card.lint import lint
 
     if check:
         problems = lint(check)
@@ -50,7 +49,7 @@ def card(directory, repo_id, layout, template, max_shard, quantized_by, base_mod
         raise MoeprepError("no output directory given", "moeprep card DIR, or moeprep card --check FILE")
     if and_push and not repo_id:
         raise MoeprepError("--push needs --repo-id ORG/NAME", "name the Hub repo to push to")
-    from ..units import parse_size
+    from moeprep.units import parse_size
 
     options = card_stage.CardOptions(repo_id=repo_id, layout=layout, quantized_by=quantized_by, base_model=base_model,
                                      template=template, max_shard=parse_size(max_shard, "shard size"))
@@ -103,7 +102,8 @@ def pull(spec: str, out: Path, quants: tuple[str, ...], as_json: bool) -> None:
     Example:
       moeprep pull me/Phi-3.5-MoE-instruct-GGUF@moeprep-staging --quant Q4_K_M --out work/
     """
-    from ..pull import parse, pull as fetch
+    from moeprep.stages.pull import parse
+    from moeprep.stages.pull import pull as fetch
 
     parse(spec)  # a bad repo id is refused before --out is made
     with locked(out, f"pull {spec}"):
@@ -114,7 +114,7 @@ def pull(spec: str, out: Path, quants: tuple[str, ...], as_json: bool) -> None:
 
 
 def _push(directory, repo_id, layout, revision, private, dry_run, as_json) -> None:
-    from ..push import push as upload
+    from moeprep.stages.push import push as upload
 
     with writing(directory, f"push {repo_id}", dry_run):
         outcome = upload(directory, repo_id, layout=layout, revision=revision, private=private, dry_run=dry_run,

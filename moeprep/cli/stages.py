@@ -6,14 +6,20 @@ from pathlib import Path
 
 import click
 
-from . import main, writing
-from .. import output
-from ..errors import MoeprepError
-from ..lock import locked
-from ..options import QuantHelpCommand, json_option, quant_options
-from ..output import emit, status
-from ..limits import MAX_BATCH, MAX_CHUNKS, MAX_CTX, MAX_RUNS, MAX_THREADS, MAX_TOKENS
-from ..tiers import TIERS_GIB
+from moeprep.cli import main, output, writing
+from moeprep.cli.options import QuantHelpCommand, json_option, quant_options
+from moeprep.cli.output import emit, status
+from moeprep.errors import MoeprepError
+from moeprep.limits import (
+    MAX_BATCH,
+    MAX_CHUNKS,
+    MAX_CTX,
+    MAX_RUNS,
+    MAX_THREADS,
+    MAX_TOKENS,
+)
+from moeprep.lock import locked
+from moeprep.predict.tiers import TIERS_GIB
 
 
 @main.command()
@@ -29,7 +35,7 @@ def download(source: str, revision: str | None, as_json: bool) -> None:
     Example:
       moeprep download microsoft/Phi-3.5-MoE-instruct --revision main
     """
-    from .. import download as stage
+    from moeprep.stages import download as stage
 
     folder, src = stage.fetch(source, revision, status=status)
     emit({"folder": folder, "source": src}, as_json, lambda r: [f"{f.sha256}  {f.path}" for f in src.files] + [
@@ -56,8 +62,8 @@ def convert(source, out, outtype, quants, mixes, tensor_types, revision, threads
     Example:
       moeprep convert microsoft/Phi-3.5-MoE-instruct --quant Q8_0 --quant Q4_K_M --mix moe-q4
     """
-    from ..pipeline import ImatrixSpec, default_out, model_name, prepare
-    from ..quantize import DEFAULT_QUANTS
+    from moeprep.stages.pipeline import ImatrixSpec, default_out, model_name, prepare
+    from moeprep.stages.quantize import DEFAULT_QUANTS
 
     chosen = list(quants) or ([] if mixes else list(DEFAULT_QUANTS))
     spec = ImatrixSpec(imatrix_text, chosen + list(mixes)) if imatrix_text else None
@@ -89,8 +95,8 @@ def quantize(file: Path, quants, mixes, tensor_types, threads: int, imatrix: Pat
     Example:
       moeprep quantize Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-F16.gguf --quant Q4_K_M --mix moe-q4 --dry-run
     """
-    from ..pipeline import quantize_file
-    from ..quantize import DEFAULT_QUANTS, size_lines
+    from moeprep.stages.pipeline import quantize_file
+    from moeprep.stages.quantize import DEFAULT_QUANTS, size_lines
 
     chosen = list(quants) or ([] if mixes else list(DEFAULT_QUANTS))
     with writing(file.parent, f"quantize {file.name}", dry_run):
@@ -118,7 +124,7 @@ def imatrix(file: Path, text: Path, out: Path | None, ctx: int, chunks: int, as_
     Example:
       moeprep imatrix Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-F16.gguf --text recipes/calibration/general-en.txt
     """
-    from .. import imatrix as stage
+    from moeprep.stages import imatrix as stage
 
     out = out or file.parent / "imatrix.gguf"
     with writing(out.parent, "imatrix"):
@@ -137,7 +143,7 @@ def probe(file: Path, all_n: bool, as_json: bool) -> None:
     Example:
       moeprep probe Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-Q4_K_M.gguf --json
     """
-    from ..probe import probe as run
+    from moeprep.ggufio.probe import probe as run
 
     emit(run(file), as_json, lambda r: output.probe_lines(r, all_n))
 
@@ -183,9 +189,9 @@ def smoke(target, placements, runs, ctx, new_tokens, threads, flash_attn, n_batc
       moeprep smoke Phi-3.5-MoE-instruct-GGUF --placement gpu --placement n-cpu-moe=8 --json
       moeprep smoke Phi-3.5-MoE-instruct-GGUF --quality-ctx 512 --quality-chunks 8
     """
-    from .. import placement
-    from .. import smoke as stage
-    from ..results import SmokeSettings
+    from moeprep import placement
+    from moeprep.records.results import SmokeSettings
+    from moeprep.stages import smoke as stage
 
     settings = SmokeSettings(runs=runs, ctx=ctx, new_tokens=new_tokens, threads=threads, flash_attn=flash_attn,
                              n_batch=n_batch, n_ubatch=n_ubatch, quality_ctx=quality_ctx, quality_chunks=quality_chunks)
@@ -230,11 +236,11 @@ def plan(file: Path, ctx: int, ubatch: int, batch: int, flash_attn: str, vram: s
       moeprep plan Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-Q4_K_M.gguf --ctx 8192 --vram 24GiB
       moeprep plan Phi-3.5-MoE-instruct-GGUF --tiers 16,24,48
     """
-    from ..plan import plan_file
-    from ..units import parse_size
+    from moeprep.predict.plan import plan_file
+    from moeprep.units import parse_size
 
     if tiers is not None:
-        from ..tiers import parse_tiers, table
+        from moeprep.predict.tiers import parse_tiers, table
 
         room = parse_size(headroom, "headroom") / 2**20 if headroom else None
         emit(table(file, tiers_gib=parse_tiers(tiers), flash_attn=flash_attn, headroom_mib=room), as_json,
@@ -253,7 +259,7 @@ def doctor(as_json: bool) -> None:
     Example:
       moeprep doctor --json
     """
-    from ..gpu import report
+    from moeprep.hardware import report
 
     emit(report(), as_json, output.doctor_lines)
 
@@ -276,7 +282,7 @@ def demo(out: Path, kind: str, runs: int, as_json: bool) -> None:
     Example:
       moeprep demo --out demo
     """
-    from ..demo import run
+    from moeprep.demo.run import run
 
     done = run(kind, out, runs=runs, status=status)
     output.notes(done.convert)

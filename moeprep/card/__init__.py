@@ -1,0 +1,1 @@
+"""The model card: rendered from the manifest alone, and linted by rendering it again."""

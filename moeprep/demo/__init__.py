@@ -1,0 +1,1 @@
+"""The demo: a tiny MoE checkpoint made and trained here, run through the whole job."""

@@ -1,0 +1,310 @@
+"""Probe a GGUF's expert layout with gguf-py: what `--cpu-moe` and `--n-cpu-moe N` would move.
+
+The reader memory-maps the file, so probing an 80 GB GGUF reads only its header.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moeprep.errors import IntegrityError, MoeprepError
+from moeprep.placement import CPU_MOE_PATTERN, MAX_BLOCKS, n_cpu_moe_patterns  # noqa: F401  (probe's vocabulary)
+from moeprep.placement import Placement as Spec
+
+_EXPERT = re.compile(CPU_MOE_PATTERN)
+_SHARED = re.compile(r"_shexp\b")
+_ROUTER = re.compile(r"\.(ffn_gate_inp|exp_probs_b)\.")
+_LEGACY = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+MAX_EXPERTS = 4096
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    type: str
+    shape: list[int]
+    bytes: int
+
+
+@dataclass
+class LayerExperts:
+    block: int
+    experts: list[TensorInfo] = field(default_factory=list)
+    shared: list[TensorInfo] = field(default_factory=list)
+    router: list[TensorInfo] = field(default_factory=list)
+    expert_bytes: int = 0
+
+
+@dataclass
+class Placement:
+    """What one override setting moves to the CPU, and what stays on the GPU."""
+
+    name: str  # "gpu", "cpu-moe", "n-cpu-moe=N"
+    tensors_moved: int
+    bytes_moved: int
+    bytes_on_gpu: int  # with every layer offloaded; token_embd stays in host memory
+
+    @property
+    def patterns(self) -> list[str]:
+        return Spec(self.name).patterns
+
+
+@dataclass
+class Attention:
+    """What the KV cache's size follows from (per-layer arrays reduced to their largest value)."""
+
+    head_count: int | None = None
+    head_count_kv: int | None = None
+    key_length: int | None = None
+    value_length: int | None = None
+    kv_lora_rank: int | None = None  # MLA (deepseek2): a compressed latent cache
+    rope_dimension_count: int | None = None
+    sliding_window: int | None = None
+
+
+@dataclass
+class ProbeReport:
+    file: str
+    architecture: str
+    file_type: str | None
+    block_count: int
+    expert_count: int
+    expert_used_count: int
+    expert_shared_count: int
+    leading_dense_block_count: int
+    context_length: int | None
+    embedding_length: int | None
+    n_params: int
+    layout: str  # "merged", "legacy-per-expert" or "dense"
+    loadable: bool
+    notes: list[str]
+    bytes: dict[str, int]
+    layers: list[LayerExperts]
+    placements: list[Placement]
+    attention: Attention = field(default_factory=Attention)  # absent from format 1 manifests: all None
+    types: dict[str, dict[str, int]] = field(default_factory=dict)  # tensor class -> {ggml type: tensors}
+
+    @property
+    def is_moe(self) -> bool:
+        return self.layout != "dense"
+
+    def expert_tensor_names(self) -> list[str]:
+        return [t.name for layer in self.layers for t in layer.experts]
+
+    def placement(self, name: str) -> Placement | None:
+        return next((p for p in self.placements if p.name == name), None)
+
+    def to_dict(self) -> dict:
+        from pydantic import TypeAdapter
+
+        return TypeAdapter(ProbeReport).dump_python(self, mode="json")
+
+
+def tensor_class(name: str) -> str:
+    """What a tensor is, for the per-class type summary (what a mix's rules aim at)."""
+    if _EXPERT.search(name) or _LEGACY.match(name):
+        return "experts"
+    if _SHARED.search(name):
+        return "shared experts"
+    if _ROUTER.search(name):
+        return "routers"
+    if "_norm." in name:  # attn_norm, ffn_norm, output_norm: small, always F32
+        return "norms and dense"
+    if ".attn_" in name:
+        return "attention"
+    if name.startswith("token_embd."):
+        return "embedding"
+    if name.startswith("output."):
+        return "output"
+    return "norms and dense"
+
+
+def type_summary(tensors: list[TensorInfo]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for t in tensors:
+        by_type = out.setdefault(tensor_class(t.name), {})
+        by_type[t.type] = by_type.get(t.type, 0) + 1
+    return out
+
+
+def read(path: Path):
+    """gguf-py's reader over `path`, after checking it is a whole GGUF; one clear error otherwise."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if path.is_dir():
+        raise MoeprepError(f"{path} is a directory", "give the path of a .gguf file in it")
+    if not path.is_file():
+        raise MoeprepError(f"{path} does not exist", "give the path of a .gguf file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise IntegrityError(f"{path} is not a GGUF file (no GGUF magic at its start)", "give the path of a .gguf file")
+    retry = "rerun the stage that wrote it, or download it again"
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as e:  # gguf-py raises ValueError, struct or numpy errors on short or bad bytes
+        raise IntegrityError(f"{path} is truncated or damaged ({e})", retry) from e
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    size = path.stat().st_size
+    if end > size:
+        raise IntegrityError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}", retry)
+    return reader
+
+
+def value(reader, key: str, default=None):
+    """A metadata value through gguf-py's public API; per-layer arrays become their largest element."""
+    f = reader.get_field(key)
+    if f is None:
+        return default
+    v = f.contents()
+    if isinstance(v, list):
+        return max(v) if v else default
+    return v
+
+
+def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
+    """Read `path` and report its expert layout and the offload placements.
+
+    `n_values` picks which --n-cpu-moe N to evaluate (default: every N from 1 to block_count).
+    """
+    from gguf import LlamaFileType
+
+    path = Path(path)
+    reader = read(path)
+    arch = str(value(reader, "general.architecture", "unknown"))
+
+    def key(name: str, default=0):
+        v = value(reader, f"{arch}.{name}", default)
+        return int(v) if v is not None else None
+
+    tensors = [
+        TensorInfo(t.name, t.tensor_type.name, [int(d) for d in t.shape], int(t.n_bytes))
+        for t in reader.tensors
+    ]
+    layers: dict[int, LayerExperts] = {}
+    legacy: set[int] = set()
+    sums = {"expert": 0, "shared_expert": 0, "router": 0, "other": 0}
+    for t in tensors:
+        block = _BLOCK.match(t.name)
+        kind = "other"
+        if _EXPERT.search(t.name):
+            kind = "expert"
+        elif _SHARED.search(t.name):
+            kind = "shared_expert"
+        elif _ROUTER.search(t.name):
+            kind = "router"
+        elif m := _LEGACY.match(t.name):
+            legacy.add(int(m.group(1)))
+            kind = "expert"
+        sums[kind] += t.bytes
+        if block and kind != "other":
+            layer = layers.setdefault(int(block.group(1)), LayerExperts(int(block.group(1))))
+            {"expert": layer.experts, "shared_expert": layer.shared, "router": layer.router}[kind].append(t)
+    for layer in layers.values():
+        layer.expert_bytes = sum(t.bytes for t in layer.experts)
+    sums["total"] = sum(t.bytes for t in tensors)
+    sums["input_layer"] = sum(t.bytes for t in tensors if t.name.startswith("token_embd."))
+
+    block_count = key("block_count")
+    expert_count = key("expert_count")
+    # Counts from the header size what follows (a placement per block, a row per expert): a file that claims more
+    # than any model has, or more blocks than its tensors have, is damaged or crafted, and is refused here.
+    blocks_seen = max((int(m.group(1)) + 1 for t in tensors if (m := _BLOCK.match(t.name))), default=0)
+    if not 0 <= (block_count or 0) <= MAX_BLOCKS or (block_count or 0) > max(blocks_seen, 1) * 2:
+        raise IntegrityError(f"{path} claims {block_count} blocks and has tensors for {blocks_seen}",
+                             "rerun the stage that wrote it, or download it again")
+    if not 0 <= (expert_count or 0) <= MAX_EXPERTS:
+        raise IntegrityError(f"{path} claims {expert_count} experts; no model has over {MAX_EXPERTS}",
+                             "rerun the stage that wrote it, or download it again")
+    notes: list[str] = []
+    loadable = True
+    if legacy:
+        layout = "legacy-per-expert"
+        loadable = False
+        notes.append(
+            "one tensor per expert (blk.N.ffn_gate.E.weight): current llama.cpp cannot load this layout; "
+            "convert again from the safetensors"
+        )
+    elif sums["expert"] or expert_count:
+        layout = "merged"
+    else:
+        layout = "dense"
+        notes.append("dense model: no expert tensors, so --cpu-moe and --n-cpu-moe would change nothing")
+    if sums["shared_expert"]:
+        notes.append("shared experts (_shexp) and routers stay on the GPU under --cpu-moe")
+    if any("gate_up_exps" in t.name for t in tensors):
+        notes.append("gate and up experts are fused (ffn_gate_up_exps)")
+
+    file_type = value(reader, "general.file_type")
+    try:
+        file_type_name = LlamaFileType(int(file_type)).name if file_type is not None else None
+    except ValueError:
+        file_type_name = str(file_type)
+
+    report = ProbeReport(
+        file=path.name,
+        architecture=arch,
+        file_type=file_type_name,
+        block_count=block_count,
+        expert_count=expert_count,
+        expert_used_count=key("expert_used_count"),
+        expert_shared_count=key("expert_shared_count"),
+        leading_dense_block_count=key("leading_dense_block_count"),
+        context_length=key("context_length", None),
+        embedding_length=key("embedding_length", None),
+        n_params=sum(int(t.n_elements) for t in reader.tensors),
+        layout=layout,
+        loadable=loadable,
+        notes=notes,
+        bytes=sums,
+        attention=Attention(**{name: key(f"attention.{name}", None) for name in (
+            "head_count", "head_count_kv", "key_length", "value_length", "kv_lora_rank", "sliding_window")},
+            rope_dimension_count=key("rope.dimension_count", None)),
+        layers=[layers[b] for b in sorted(layers)],
+        placements=[],
+        types=type_summary(tensors),
+    )
+    if n_values is None:
+        n_values = list(range(1, block_count + 1)) if report.is_moe else []
+    report.placements = placements(tensors, n_values) if report.is_moe else [_place(tensors, Spec("gpu"))]
+    return report
+
+
+def _place(tensors: list[TensorInfo], spec: Spec) -> Placement:
+    compiled = [re.compile(p) for p in spec.patterns]
+    moved = [t for t in tensors if any(p.search(t.name) for p in compiled)]
+    names = {t.name for t in moved}
+    # llama.cpp keeps the input layer (token_embd) in host memory whatever the offload
+    on_gpu = sum(t.bytes for t in tensors if t.name not in names and not t.name.startswith("token_embd."))
+    return Placement(spec.name, len(moved), sum(t.bytes for t in moved), on_gpu)
+
+
+def placements(tensors: list[TensorInfo], n_values: list[int]) -> list[Placement]:
+    """gpu, cpu-moe and n-cpu-moe=N for each N, in one pass over the tensors: --n-cpu-moe N moves exactly the
+    --cpu-moe tensors of blocks 0..N-1 (its patterns are `blk\\.i` + --cpu-moe's), so each N is a running sum."""
+    every = _place(tensors, Spec("cpu-moe"))
+    out = [_place(tensors, Spec("gpu")), every]
+    if not n_values:
+        return out
+    total_on_gpu = out[0].bytes_on_gpu
+    per_block: dict[int, tuple[int, int]] = {}
+    for t in tensors:
+        if (m := _BLOCK.match(t.name)) and _EXPERT.search(t.name):
+            count, size = per_block.get(int(m.group(1)), (0, 0))
+            per_block[int(m.group(1))] = (count + 1, size + t.bytes)
+    moved_n = moved_b = 0
+    for n in range(1, max(n_values) + 1):
+        count, size = per_block.get(n - 1, (0, 0))
+        moved_n, moved_b = moved_n + count, moved_b + size
+        if n in n_values:
+            out.append(Placement(f"n-cpu-moe={n}", moved_n, moved_b, total_on_gpu - moved_b))
+    return out
+
+
+def expected_overrides(report: ProbeReport, spec: Spec) -> list[str]:
+    """The expert tensors llama.cpp should report as overridden for a placement: what smoke checks."""
+    compiled = [re.compile(p) for p in spec.patterns]
+    return [t.name for layer in report.layers for t in layer.experts if any(c.search(t.name) for c in compiled)]

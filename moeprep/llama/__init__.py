@@ -1,0 +1,1 @@
+"""Everything that talks to libllama and llama.cpp's programs; nothing else imports llama_cpp."""

@@ -1,0 +1,1 @@
+"""Predictions from recorded sizings: the offload plan and the tier table. No file is read here."""

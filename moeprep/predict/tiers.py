@@ -1,0 +1,166 @@
+"""The tier table: for GPU memory tiers and contexts, which file, which offload, what RAM, what to type.
+
+Every cell is a prediction from `plan` (weights + KV cache + compute buffer, the compute buffer sized by
+llama.cpp's own allocator), fitted below the tier with a stated headroom for the CUDA context and
+runtime, which llama.cpp's buffers do not include. Among a file's placements the one with the most on
+the GPU that fits wins: `gpu`, then the smallest `--n-cpu-moe N`, then `--cpu-moe`.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moeprep.errors import MoeprepError
+from moeprep.ggufio.probe import probe
+from moeprep.inputs import short
+from moeprep.limits import MAX_TIERS
+from moeprep.placement import Placement
+from moeprep.predict.plan import Plan, contexts_for, from_record, record
+from moeprep.records import manifest as mf
+from moeprep.records.results import FlashAttn
+
+TIERS_GIB = (8, 12, 16, 24, 32, 48, 80, 96)
+# The CUDA context and runtime beyond llama.cpp's buffers: 0.5-1.2 GB measured on an H200 (per-process NVML
+# minus the buffers). A GPU smoke in the manifest replaces this with what it measured.
+HEADROOM_MIB = 1024
+GIB = 2**30
+
+
+@dataclass
+class Cell:
+    file: str
+    quant: str
+    placement: str | None  # None: does not fit
+    gpu_bytes: int | None  # predicted: weights + KV + compute
+    ram_bytes: int | None  # weights left in system memory (experts moved, token_embd)
+    command: str | None
+    measured: bool = False  # a GPU smoke measured this file in this placement (at the smoke's context)
+
+
+@dataclass
+class Tier:
+    gib: float
+    ctx: int
+    cells: list[Cell] = field(default_factory=list)
+
+
+@dataclass
+class TierTable:
+    tiers: list[Tier]
+    headroom_mib: float
+    headroom_method: str
+    contexts: list[int]
+    flash_attn: FlashAttn  # as asked; each cell's plan resolved `auto` as the CUDA build does (plan.py)
+    kind: str = "prediction"
+    method: str = ("weights the placement leaves on the GPU + KV cache + compute buffer (llama.cpp's allocator, "
+                   "no_alloc), each below the tier minus the headroom; see `moeprep plan FILE --ctx N`")
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= 0.05 * GIB else f"{n / 2**20:.0f} MiB"
+
+
+def cell_text(cell: Cell) -> str:
+    """A cell as the card and the CLI show it: the placement, and GPU and system memory in the units GPUs are sold in."""
+    if cell.placement is None:
+        return "does not fit"
+    flags = " ".join(Placement(cell.placement).flags())
+    shown = (f"`{flags}`" if flags else "all on GPU") + f": GPU {gib(cell.gpu_bytes or 0)}, RAM {gib(cell.ram_bytes or 0)}"
+    return shown + (" †" if cell.measured else "")
+
+
+def command(file: str, placement: str, ctx: int, flash_attn: FlashAttn) -> str:
+    """The llama-server command for a cell, each argument shell-quoted. `--fit off`: llama-server's --fit is on by
+    default at 0c1e570 and gives up, with a warning, once --n-gpu-layers or an expert override is set
+    (common/fit.cpp); off, the command does exactly what its cell says. Threads are left to llama-server's default,
+    one per physical core of the machine it runs on."""
+    args = ["llama-server", "-m", file, "--n-gpu-layers", "999", *Placement(placement).flags(), "--ctx-size", str(ctx),
+            "--flash-attn", str(flash_attn), "--fit", "off"]
+    return shlex.join(args)
+
+
+def parse_tiers(text: str) -> list[float]:
+    """GPU sizes in GiB: "8,12,24"."""
+    try:
+        sizes = [float(part) for part in text[:1024].split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or len(text) > 1024 or any(not 0 < s <= 100_000 for s in sizes):
+        raise MoeprepError(f"cannot read {short(text)} as GPU sizes", "give GiB, comma-separated: --tiers 8,12,24")
+    if len(sizes) > MAX_TIERS:
+        raise MoeprepError(f"{len(sizes)} GPU sizes is more than a table can show", f"give at most {MAX_TIERS}")
+    return sizes
+
+
+def headroom(manifest: mf.Manifest | None, default_mib: float = HEADROOM_MIB) -> tuple[float, str]:
+    """The runtime overhead to keep free below each tier: measured where the manifest has a GPU smoke."""
+    measured = [o for r in (manifest.smoke.artifacts.values() if manifest and manifest.smoke else [])
+                for p in r.placements.values() if (o := p.overhead_mib()) is not None]
+    if measured:
+        return max(measured), f"the largest runtime overhead a GPU smoke of these files measured ({len(measured)} loads)"
+    return default_mib, ("the CUDA context and runtime, not measured for these files: 0.5-1.2 GB measured on an H200, "
+                         f"{default_mib:.0f} MiB kept")
+
+
+def table(folder_or_file: Path, *, tiers_gib: list[float] | None = None, contexts: list[int] | None = None,
+          flash_attn: FlashAttn | str = FlashAttn.AUTO, headroom_mib: float | None = None) -> TierTable:
+    """The tier table for every artifact of an output directory, or for one GGUF file, sized now."""
+    target = Path(folder_or_file)
+    folder = target if target.is_dir() else target.parent
+    manifest = mf.load_or_none(folder)
+    if target.is_dir():
+        if manifest is None or not manifest.artifacts:
+            raise MoeprepError(f"no artifacts recorded in {target}", "give a GGUF file, or run `moeprep convert` first")
+        files = [(folder / a.path, a) for a in manifest.artifacts]
+    else:
+        files = [(target, manifest.artifact_at(target.name) if manifest else None)]
+    entries = []
+    for path, artifact in files:
+        report = artifact.probe if artifact and artifact.probe and path.stat().st_size == artifact.size else probe(path)
+        ctxs = contexts_for(report.context_length, contexts)
+        plans = {r.ctx: from_record(report, r, flash_attn=flash_attn) for r in record(path, report, ctxs)}
+        smoke = manifest.smoke_result(artifact) if manifest and artifact else None
+        entries.append((path.name, artifact.quant if artifact else path.stem, plans, smoke))
+    room = headroom(manifest) if headroom_mib is None else (headroom_mib, "as given")
+    return build(entries, tiers_gib, room, FlashAttn(flash_attn))
+
+
+def from_manifest(manifest: mf.Manifest, *, tiers_gib: list[float] | None = None) -> TierTable:
+    """The tier table from the plans the manifest records: what the card shows, without any GGUF."""
+    entries = []
+    for a in manifest.artifacts:
+        plans = {r.ctx: from_record(a.probe, r) for r in a.plans} if a.probe else {}
+        entries.append((a.path, a.quant, plans, manifest.smoke_result(a)))
+    return build(entries, tiers_gib, headroom(manifest), FlashAttn.AUTO)
+
+
+def build(entries: list[tuple[str, str, dict[int, Plan], object]], tiers_gib: list[float] | None,
+          room: tuple[float, str], flash_attn: FlashAttn) -> TierTable:
+    """Fill the table: for each tier and context, each file's placement with the most on the GPU that fits."""
+    ctxs = sorted({ctx for _, _, plans, _ in entries for ctx in plans})
+    result = TierTable([Tier(g, c) for c in ctxs for g in (tiers_gib or TIERS_GIB)], room[0], room[1], ctxs, flash_attn)
+    for name, quant, plans, smoke in entries:
+        measured = {p for p, r in (smoke.placements.items() if smoke else []) if r.gpu_mib() is not None}
+        for ctx in ctxs:
+            plan = plans.get(ctx)
+            rows = _choices(plan) if plan else []
+            for tier in (t for t in result.tiers if t.ctx == ctx):
+                budget = tier.gib * GIB - room[0] * 2**20
+                best = next((r for r in rows if r.compute is not None and r.predicted_total <= budget), None)
+                if best is None:
+                    tier.cells.append(Cell(name, quant, None, None, None, None))
+                    continue
+                tier.cells.append(Cell(name, quant, best.placement, best.predicted_total,
+                                       plan.weights_total - best.weights_on_gpu,
+                                       command(name, best.placement, ctx, flash_attn), best.placement in measured))
+    return result
+
+
+def _choices(plan: Plan) -> list:
+    """A plan's placements from the most on the GPU to the least; an N that moves every block's experts is left out
+    for --cpu-moe, the simpler flag."""
+    every = next((r.weights_on_gpu for r in plan.rows if r.placement == "cpu-moe"), None)
+    return sorted((r for r in plan.rows if r.placement == "cpu-moe" or Placement(r.placement).n_cpu_moe is None
+                   or r.weights_on_gpu != every), key=lambda r: Placement(r.placement).order)

@@ -1,0 +1,1 @@
+"""Recipes, the release's stage list, the staging branch between CI jobs, promotion, capacity."""
