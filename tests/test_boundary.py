@@ -165,7 +165,7 @@ def test_smoking_one_file_keeps_the_others_or_refuses(smoked, tmp_path):
 def test_card_keeps_the_source_readme_it_converted(checkpoints, tmp_path):
     """Issue 18: the card inherits from the README whose sha256 the manifest records, not from whatever the source
     folder holds now."""
-    from moeprep.stages.pipeline import prepare
+    from moeprep.release.pipeline import prepare
 
     src = tmp_path / "model"
     shutil.copytree(checkpoints["mixtral"], src)

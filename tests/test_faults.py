@@ -20,9 +20,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from click.testing import CliRunner
@@ -270,7 +270,7 @@ def problems(out: Path, model: str = MODEL, source: str | None = None, *, finish
         found.append(f"{g} is on disk with a final name but not in the manifest")
     if m.smoke is not None:
         paths = {a.path for a in m.artifacts}
-        for name, entry in m.smoke.artifacts.items():
+        for name in m.smoke.artifacts:
             if name not in paths:
                 found.append(f"smoke result for {name}, which the manifest does not list")
     if finished:

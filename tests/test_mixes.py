@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from moeprep import mixes
+from moeprep import quants as mixes
 from moeprep.cli import main
 from moeprep.errors import MoeprepError
 from moeprep.files import sha256_file
+from moeprep.llama import imatrix as imatrix_file
+from moeprep.quants import plan
 from moeprep.records import manifest as mf
 from moeprep.release import recipe
-from moeprep.stages import imatrix as imatrix_stage
-from moeprep.stages.pipeline import quantize_model
+from moeprep.stages.quantize import quantize_model
 from tests.llm import generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +114,7 @@ def test_quantize_imatrix_in_process_reaches_the_quantizer(phimoe, tmp_path):
 def test_mix_on_a_model_without_shared_experts_says_so_and_the_manifest_records_it(converted_local, tmp_path):
     out = tmp_path / "mixtral"
     shutil.copytree(converted_local["mixtral"], out)
-    done = quantize_model(out, quants=[], mixes=["MOE-Q4"], tensor_types=["token_embd=Q8_0", "nothing_here=Q4_0"])
+    done = quantize_model(out, plan("tiny-mixtral", [], ["MOE-Q4"], ["token_embd=Q8_0", "nothing_here=Q4_0"]))
     assert done.made == ["tiny-mixtral-moe-q4.gguf"]
     assert done.notes == [
         "tensor-type rule nothing_here=Q4_0 matches no tensor llama.cpp quantizes in tiny-mixtral-F16.gguf; it changes nothing",
@@ -196,7 +197,7 @@ def test_imatrix_load_divides_each_expert_by_its_count(tmp_path):
     sums = np.array([[2.0, 4.0, 6.0], [1.0, 1.0, 1.0], [9.0, 3.0, 0.0]], dtype=np.float32)
     counts = np.array([[2.0], [0.0], [3.0]], dtype=np.float32)  # an expert that saw no token gets 1s
     path = write_imatrix(tmp_path / "i.gguf", entries={"blk.0.ffn_up_exps.weight": (sums, counts)})
-    got = imatrix_stage.load(path)
+    got = imatrix_file.load(path)
     assert (got.file, got.datasets, got.chunk_count) == ("i.gguf", ["/somewhere/local/calibration.txt"], 3)
     assert got.entries["blk.0.ffn_up_exps.weight"].tolist() == [1, 2, 3, 1, 1, 1, 3, 1, 0]
 
@@ -206,7 +207,7 @@ def test_imatrix_load_reads_the_legacy_dat_format(tmp_path):
     data = struct.pack("<i", 1) + struct.pack("<i", len(name)) + name + struct.pack("<ii", 4, 2)
     data += struct.pack("<2f", 8.0, 2.0) + struct.pack("<ii", 7, 4) + b"wiki"
     (tmp_path / "i.dat").write_bytes(data)
-    got = imatrix_stage.load(tmp_path / "i.dat")
+    got = imatrix_file.load(tmp_path / "i.dat")
     assert got.entries == {"blk.0.attn_q.weight": pytest.approx(np.array([2.0, 0.5]))}
     assert (got.datasets, got.chunk_count) == (["wiki"], 7)
 
@@ -214,12 +215,12 @@ def test_imatrix_load_reads_the_legacy_dat_format(tmp_path):
 def test_imatrix_load_refuses_what_llama_quantize_refuses(tmp_path, converted_phimoe):
     one = {"a.weight": (np.ones((1, 4), np.float32), np.ones((1, 1), np.float32))}
     with pytest.raises(MoeprepError, match="is not an importance matrix from llama-imatrix"):
-        imatrix_stage.load(write_imatrix(tmp_path / "bare.gguf", entries=one, metadata=False))
+        imatrix_file.load(write_imatrix(tmp_path / "bare.gguf", entries=one, metadata=False))
     with pytest.raises(MoeprepError, match="is not an importance matrix from llama-imatrix"):
-        imatrix_stage.load(converted_phimoe / "tiny-phimoe-F16.gguf")  # a model, not an imatrix
+        imatrix_file.load(converted_phimoe / "tiny-phimoe-F16.gguf")  # a model, not an imatrix
     (tmp_path / "short.dat").write_bytes(struct.pack("<i", 3))
     with pytest.raises(MoeprepError, match="neither a GGUF nor a legacy imatrix"):
-        imatrix_stage.load(tmp_path / "short.dat")
+        imatrix_file.load(tmp_path / "short.dat")
 
 
 def test_tensor_types_name_the_ggml_types_of_the_linked_llama_cpp():

@@ -14,9 +14,10 @@ from click.testing import CliRunner
 
 from moeprep.cli import main
 from moeprep.ggufio.probe import probe
-from moeprep.llama.lib import versions
-from moeprep.predict import plan as plan_mod
-from moeprep.predict.plan import kv_cache_bytes, plan_file, predict, read_simulation
+from moeprep.llama import sizing
+from moeprep.llama.build import versions
+from moeprep.llama.sizing import read_simulation
+from moeprep.predict.plan import kv_cache_bytes, predict
 from moeprep.records import manifest as mf
 from moeprep.records.results import (
     Buffer,
@@ -26,6 +27,7 @@ from moeprep.records.results import (
     Statistic,
     Tokens,
 )
+from moeprep.stages.plan import plan_file
 from moeprep.units import parse_size
 from tests.evidence import (
     BLOCKS,
@@ -182,16 +184,16 @@ def test_plan_applies_ctx_and_batch_as_llama_cpp_does(evidence):
 def test_plan_states_its_error_against_a_recorded_gpu_smoke(evidence, runtime):
     """The evidence's smoke (real CUDA loads at ctx 512): each row's error, where the settings match."""
     report = probe(evidence["F16"])
-    sims = plan_mod.simulate(evidence["F16"], report, ctx=512)
+    sims = sizing.simulate(evidence["F16"], report, ctx=512)
     p = predict(report, 512, smoke=_smoke("F16", runtime), simulations=sims, smoke_ctx=512)
     rows = {r.placement: r for r in p.rows}
-    for name, (model, kv, compute) in SMOKE_H200["F16"].items():
+    for name, (_, _, compute) in SMOKE_H200["F16"].items():
         r = rows[name]
         assert abs(r.weights_error_pct) < 0.01 and r.kv_error_pct == 0
         assert abs(r.compute_error_pct) < 10 and abs(r.total_error_pct) < 10, name
         assert r.compute_error_pct == pytest.approx(_error(r.compute_by_flash_attn["off"] / MIB, compute))
     assert "weights, KV, compute (the flash attention off figure) and total compared" in p.measured_note
-    other = predict(report, 4096, smoke=_smoke("F16", runtime), simulations=plan_mod.simulate(
+    other = predict(report, 4096, smoke=_smoke("F16", runtime), simulations=sizing.simulate(
         evidence["F16"], report, ctx=4096), smoke_ctx=512)
     assert other.rows[0].weights_error_pct is not None and other.rows[0].compute_error_pct is None
     assert "only at the smoke's n_ctx" in other.measured_note

@@ -6,7 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from moeprep.cli import main
-from moeprep.ggufio.probe import CPU_MOE_PATTERN, n_cpu_moe_patterns, probe
+from moeprep.ggufio.probe import probe
+from moeprep.placement import CPU_MOE_PATTERN, n_cpu_moe_patterns
 from tests import ggufs
 from tests.llm import generate
 

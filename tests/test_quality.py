@@ -15,13 +15,15 @@ from click.testing import CliRunner
 import moeprep
 from moeprep import hardware as gpu
 from moeprep.cli import main
-from moeprep.llama.lib import program
+from moeprep.llama.build import program
+from moeprep.llama.evaluate import chunking
 from moeprep.quality import scoring as quality
+from moeprep.quality.text import EVAL_TEXT, eval_text
 from moeprep.records.results import SmokeSettings
-from moeprep.stages import smoke
+from moeprep.stages import measure
 
 ROOT = Path(__file__).resolve().parent.parent
-EVAL = Path(moeprep.__file__).parent / "data" / quality.EVAL_TEXT
+EVAL = Path(moeprep.__file__).parent / "data" / EVAL_TEXT
 CTX, CHUNKS = 128, 4  # 4 * 63 = 252 positions: llama-perplexity prints its final statistics from 100 on
 
 
@@ -55,7 +57,7 @@ def test_quality_agrees_with_llama_perplexity(converted_phimoe, tmp_path):
     from the llama.cpp build moeprep runs: perplexity and mean KLD within 1 % relative."""
     settings = SmokeSettings(threads=gpu.physical_cores(), quality_ctx=CTX, quality_chunks=CHUNKS, new_tokens=2)
     f16 = converted_phimoe / "tiny-phimoe-F16.gguf"
-    ref = smoke.reference_for(f16, None, settings, quality.eval_text())
+    ref = measure.reference_for(f16, None, settings, eval_text())
     assert ref.chunks == CHUNKS and ref.own.positions == CHUNKS * (CTX - 1 - CTX // 2)
     assert ref.chunking.n_seq == 2048 // CTX  # every chunk in one decode, one sequence each
 
@@ -67,7 +69,7 @@ def test_quality_agrees_with_llama_perplexity(converted_phimoe, tmp_path):
     ppl_f16 = number(r"Final estimate: PPL = ([\d.]+)", log)
     assert ref.ppl == pytest.approx(ppl_f16, rel=0.01)
     for quant in ("Q8_0", "Q4_K_M", "Q2_K"):
-        ours = smoke.quality_of(converted_phimoe / f"tiny-phimoe-{quant}.gguf", ref, settings)
+        ours = measure.quality_of(converted_phimoe / f"tiny-phimoe-{quant}.gguf", ref, settings)
         log = llama_perplexity("-m", converted_phimoe / f"tiny-phimoe-{quant}.gguf", "--kl-divergence-base", base,
                                "--kl-divergence", *common, needs="Same top p:")
         # llama-perplexity prints 6 decimals: Q8_0's ~3e-5 is known to its last digit only
@@ -87,8 +89,8 @@ def test_quality_does_not_depend_on_how_chunks_are_batched(converted_phimoe):
     for n_batch in (2048, 64):
         settings = SmokeSettings(threads=gpu.physical_cores(), quality_ctx=CTX, quality_chunks=CHUNKS, n_batch=n_batch,
                                  new_tokens=2)
-        ref = smoke.reference_for(f16, None, settings, quality.eval_text())
-        results.append((ref.chunking, ref.ppl, smoke.quality_of(q4, ref, settings)))
+        ref = measure.reference_for(f16, None, settings, eval_text())
+        results.append((ref.chunking, ref.ppl, measure.quality_of(q4, ref, settings)))
     (wide, ppl_wide, q_wide), (narrow, ppl_narrow, q_narrow) = results
     assert (wide.n_seq, wide.n_batch, narrow.n_seq, narrow.n_batch, narrow.n_ubatch) == (16, 2048, 1, 64, 64)
     assert (q_narrow.n_seq, q_narrow.n_batch, q_narrow.n_ubatch) == (1, 64, 64)
@@ -141,7 +143,7 @@ def test_quality_scores_are_the_kl_divergence_of_the_distributions():
     (128, 64, 512, (1, 64, 64)),  # llama.cpp caps n_ubatch at n_batch
 ])
 def test_quality_chunking_follows_llama_perplexity(ctx, n_batch, n_ubatch, want):
-    c = quality.chunking(ctx, n_batch, n_ubatch)
+    c = chunking(ctx, n_batch, n_ubatch)
     assert (c.n_seq, c.n_batch, c.n_ubatch) == want
     assert c.n_ctx == c.n_seq * ctx and c.first == ctx // 2 and c.scored == ctx - 1 - ctx // 2
 
@@ -160,9 +162,9 @@ def test_quality_text_too_short_is_one_clear_line(converted_phimoe, tmp_path):
 
 
 def test_quality_eval_text_is_shipped_written_for_moeprep_and_not_the_calibration_text():
-    text = quality.eval_text()
+    text = eval_text()
     raw = EVAL.read_bytes()
-    assert (text.name, text.sha256, text.data) == (quality.EVAL_TEXT, hashlib.sha256(raw).hexdigest(), raw[:-1])
+    assert (text.name, text.sha256, text.data) == (EVAL_TEXT, hashlib.sha256(raw).hexdigest(), raw[:-1])
     assert len(raw.decode().split()) >= 6000
     calibration = (ROOT / "recipes/calibration/general-en.txt").read_text()
     sentences = {s.strip() for s in re.split(r"[.!?]\s", calibration) if len(s.strip()) > 30}

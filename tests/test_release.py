@@ -143,7 +143,7 @@ def test_release_all_stages_then_nothing_to_do(hub, write_token, tmp_path):
     hub.requests.clear()
     second = run("release", TINY, "--out", out)
     assert second.exit_code == 0, second.output
-    assert second.stdout.strip().splitlines()[-1] == "nothing to do: every stage was up to date"
+    assert second.stdout.strip().splitlines()[-1] == "nothing to do: every stage was up to date", second.stdout
     assert "smoke: up to date" in second.stdout and "card: up to date" in second.stdout
     assert "promote: up to date" in second.stdout
     assert not [r for r in hub.requests if r[0] == "PUT" or "/commit/" in r[1]

@@ -15,12 +15,13 @@ from moeprep import hardware as gpu
 from moeprep import placement
 from moeprep.cli import main
 from moeprep.ggufio.probe import probe
-from moeprep.llama.lib import versions
+from moeprep.llama.build import versions
 from moeprep.predict.plan import predict
 from moeprep.quality import scoring as quality
 from moeprep.records import manifest as mf
 from moeprep.records.results import (
     FileResult,
+    FlashAttn,
     GpuInfo,
     Override,
     PlacementResult,
@@ -29,7 +30,7 @@ from moeprep.records.results import (
     Statistic,
     Tokens,
 )
-from moeprep.stages import smoke
+from moeprep.stages import measure, smoke
 
 DATA = Path(__file__).parent / "data"
 # What this machine's build and driver should give: the suite runs on a CPU build here and on a CUDA
@@ -102,7 +103,7 @@ def test_smoke_flash_attn_off_is_recorded(converted_phimoe):
     settings = SmokeSettings(runs=1, new_tokens=4, threads=1, flash_attn="off")
     r = smoke.run_placement(converted_phimoe / "tiny-phimoe-Q8_0.gguf", placement.parse("gpu"), [], settings, None)
     # nothing is resolved when flash attention is asked for: what was asked is what ran
-    assert (r.runtime.flash_attn, r.runtime.flash_attn_used, r.runtime.threads) == ("disabled", False, 1)
+    assert (r.runtime.flash_attn, r.runtime.flash_attn_used, r.runtime.threads) == (FlashAttn.OFF, False, 1)  # llama.cpp logs "disabled": recorded in one spelling
     assert "flash attention off," in r.runtime.text()
 
 
@@ -174,7 +175,7 @@ VARIED = SmokeSettings(runs=1, prompt="Numbers such as 1, 2, 3", placements=["gp
 
 @pytest.fixture(scope="session")
 def reference(converted_phimoe):
-    ref = smoke.reference_for(converted_phimoe / "tiny-phimoe-F16.gguf", None, VARIED)
+    ref = measure.reference_for(converted_phimoe / "tiny-phimoe-F16.gguf", None, VARIED)
     assert not quality.loops(ref.greedy_tokens), ref.greedy_tokens
     return ref
 

@@ -7,8 +7,12 @@ import shutil
 from click.testing import CliRunner
 
 from moeprep.cli import main
-from moeprep.predict.plan import plan_file
-from moeprep.predict.tiers import GIB, cell_text, contexts_for, table
+from moeprep.placement import CPU_MOE, parse
+from moeprep.predict.plan import contexts_for
+from moeprep.predict.tiers import GIB, cell_text
+from moeprep.records.results import FlashAttn
+from moeprep.stages.plan import plan_file
+from moeprep.stages.plan import tiers as table
 
 
 def test_tiers_pick_the_placement_with_the_most_on_the_gpu_that_fits(converted_phimoe):
@@ -36,14 +40,14 @@ def test_tiers_pick_the_placement_with_the_most_on_the_gpu_that_fits(converted_p
 def test_tiers_cells_are_in_the_units_gpus_are_sold_in():
     from moeprep.predict.tiers import Cell
 
-    cell = Cell("m.gguf", "Q4_K_M", "n-cpu-moe=5", int(10.26 * GIB), int(27.5 * GIB), "llama-server ...")
+    cell = Cell("m.gguf", "Q4_K_M", parse("n-cpu-moe=5"), int(10.26 * GIB), int(27.5 * GIB), "llama-server ...")
     assert cell_text(cell) == "`--n-cpu-moe 5`: GPU 10.3 GiB, RAM 27.5 GiB"
 
 
 def test_tiers_commands_quote_every_argument():
     from moeprep.predict.tiers import command
 
-    line = command("a;$(touch x) b.gguf", "cpu-moe", 4096, "auto")
+    line = command("a;$(touch x) b.gguf", CPU_MOE, 4096, FlashAttn.AUTO)
     assert line == "llama-server -m 'a;$(touch x) b.gguf' --n-gpu-layers 999 --cpu-moe --ctx-size 4096 --flash-attn auto --fit off"
 
 

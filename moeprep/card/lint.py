@@ -16,10 +16,14 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
+from markdown_it import MarkdownIt
 
 from moeprep.card.layout import repos
+from moeprep.card.render import render
+from moeprep.files import matches
 from moeprep.inputs import load_yaml, read_text, short
 from moeprep.limits import MAX_CARD, MAX_TEMPLATE
 from moeprep.records import manifest as mf
@@ -61,11 +65,13 @@ def lint_text(text: str, path: Path, manifest: Manifest | None, check_files: boo
 
 def _rendered_again(m: Manifest, name: str, text: str, template: Path | None) -> tuple[str | None, str]:
     """The card the manifest gives for this file name (for per-quant repos, the one its text is closest to)."""
-    from moeprep.card.render import render
-
     record = m.card
+    if record is None:
+        return None, "the manifest records no card rendered from it: render it with `moeprep card DIR`"
     template = Path(template) if template else Path(record.template) if record.template else None
     if record.template_sha256:
+        if template is None:
+            return None, "the card was rendered with a template that is not named: pass --template"
         try:
             data = read_text(template, MAX_TEMPLATE, "card template", "")
         except Exception:
@@ -86,7 +92,7 @@ def _rendered_again(m: Manifest, name: str, text: str, template: Path | None) ->
 class Block:
     kind: str  # heading, paragraph, list item, quote, table, code, html, rule
     line: int
-    content: object  # text; for a table its rows of cells; for code (info, text)
+    content: Any  # text; for a table its rows of cells (list[list[str]]); for code (info, text)
     where: str = ""  # the heading it is under
     html: bool = False  # inline HTML in it
 
@@ -114,8 +120,6 @@ def split_front_matter(text: str) -> tuple[str | None, str, int]:
 
 
 def blocks(text: str) -> list[Block]:
-    from markdown_it import MarkdownIt
-
     _, body, first = split_front_matter(text)
     tokens = MarkdownIt("commonmark", {"html": True}).enable("table").parse(body)
     out: list[Block] = []
@@ -141,7 +145,8 @@ def blocks(text: str) -> list[Block]:
             out.append(Block(kind, line, inline.content, heading, _has_html(inline)))
             i += 2
         elif t.type == "table_open":
-            rows, html = [], False
+            rows: list[list[str]] = []
+            html = False
             i += 1
             while tokens[i].type != "table_close":
                 if tokens[i].type == "tr_open":
@@ -174,7 +179,7 @@ def compare(expected: str, actual: str) -> list[str]:
         if op == "equal":
             continue
         if op == "replace" and w1 - w0 == g1 - g0:
-            for w, g in zip(want[w0:w1], got[g0:g1]):
+            for w, g in zip(want[w0:w1], got[g0:g1], strict=True):
                 problems += _differ(w, g)
             continue
         for g in got[g0:g1]:
@@ -198,8 +203,8 @@ def _differ(want: Block, got: Block) -> list[str]:
             return [f"{at}: a table under {got.where!r} has the header {' | '.join(g[0])!r}; the manifest gives "
                     f"{' | '.join(w[0])!r}"]
         problems = []
-        for row_w, row_g in zip(w[1:], g[1:]):
-            for col, cw, cg in zip(w[0], row_w, row_g):
+        for row_w, row_g in zip(w[1:], g[1:], strict=False):
+            for col, cw, cg in zip(w[0], row_w, row_g, strict=False):
                 if cw != cg:
                     problems.append(f"{at}: table {got.where!r}, row {row_w[0]!r}: {col} is {short(cg)}, the manifest "
                                     f"says {short(cw)}")
@@ -267,7 +272,7 @@ def _front_matter(text: str) -> list[str]:
     problems = [f"front matter: missing {key}" for key in REQUIRED if not meta.get(key)]
     if meta.get("base_model_relation") not in (None, "quantized"):
         problems.append("front matter: base_model_relation must be quantized")
-    if not isinstance(meta.get("tags"), list) or "gguf" not in meta.get("tags"):
+    if not isinstance(tags := meta.get("tags"), list) or "gguf" not in tags:
         problems.append("front matter: tags lack gguf")
     return problems
 
@@ -288,8 +293,6 @@ def _links(lines: list[str], folder: Path) -> list[str]:
 
 def _files(m: Manifest, card: str, folder: Path) -> list[str]:
     """Every file the card lists is beside it, with the bytes the manifest records."""
-    from moeprep.files import matches
-
     listed = {row[0] for b in blocks(card) if b.kind == "table" and b.content and b.content[0][:1] == ["File"]
               for row in b.content[1:]}
     problems = []

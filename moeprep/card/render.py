@@ -12,12 +12,18 @@ import statistics
 from pathlib import Path
 
 import yaml
+from jinja2 import FileSystemLoader, StrictUndefined
+from jinja2.sandbox import SandboxedEnvironment
 
+from moeprep.assets import template as shipped
 from moeprep.card import sourcecard
 from moeprep.card.layout import RepoCard
 from moeprep.errors import MoeprepError
 from moeprep.files import human_bytes
 from moeprep.predict.plan import CARD_CTX, from_record
+from moeprep.predict.tiers import cell_text, from_manifest
+from moeprep.quality.scoring import METHODS
+from moeprep.quants import MIXES
 from moeprep.records import manifest as mf
 from moeprep.records.manifest import CardRecord, Manifest
 from moeprep.records.results import NOT_MEASURED, text
@@ -43,11 +49,11 @@ def file_rows(manifest: Manifest, artifacts: list[mf.Artifact]) -> list[list[str
         entry = manifest.smoke_result(a)
         places = entry.placements if entry else {}
 
-        def vram(name):
+        def vram(name, places=places):
             need = places[name].gpu_mib() if name in places else None
             return f"{need:.0f}" if need is not None else NOT_MEASURED
 
-        def tps(name):
+        def tps(name, places=places):
             return text(places[name].decode_tps, 1) if name in places else NOT_MEASURED
 
         ttft = text(places["gpu"].ttft_s, 4) if "gpu" in places else NOT_MEASURED
@@ -72,7 +78,7 @@ def quality_rows(manifest: Manifest, artifacts: list[mf.Artifact]) -> list[list[
     for a in artifacts:
         entry = manifest.smoke_result(a)
         q = entry.quality if entry else None
-        label = a.upload_files()[0][3].removesuffix(f" (1/{len(a.shards)})") if a.shards else a.upload_files()[0][3]
+        label = a.upload_files()[0].label.removesuffix(f" (1/{len(a.shards)})")
         if q is None or not q.finite:
             cells = [NOT_MEASURED if q is None else "non-finite logits"] * (len(QUALITY_COLUMNS) - 2)
         elif q.reference_sha256 == a.sha256:  # the reference against itself: its perplexity, and nothing to compare
@@ -122,8 +128,6 @@ def plan_rows(artifact: mf.Artifact) -> tuple[str, list[list[str]]]:
 
 def tier_tables(m: Manifest, usage: mf.Artifact) -> dict:
     """The tier table as the card shows it: one table per context, and usage commands for the usage file."""
-    from moeprep.predict.tiers import cell_text, from_manifest
-
     t = from_manifest(m)
     quants = list(dict.fromkeys(c.quant for tier in t.tiers for c in tier.cells))
     tables = []
@@ -196,7 +200,7 @@ def context(m: Manifest, repo: RepoCard, record: CardRecord) -> dict:
     quants = [a for a in repo.artifacts if a.stage == "quantize"] or repo.artifacts
     usage = next((a for a in quants if a.quant == "Q4_K_M"), quants[0])
     caption, rows = plan_rows(usage)
-    usage_file = usage.upload_files()[0][0]
+    usage_file = usage.upload_files()[0].path
     return {
         "front_matter": yaml.safe_dump(front, sort_keys=False, allow_unicode=True),
         "title": f"{cell(m.model)} GGUF",
@@ -237,8 +241,6 @@ def usage_lines(repo_id: str | None, file: str) -> dict:
 
 def mix_lines(artifacts: list[mf.Artifact]) -> list[str]:
     """One line per file made with per-tensor types: its base type, its rules in order, what the mix is for."""
-    from moeprep.mixes import MIXES
-
     lines = []
     for a in artifacts:
         s = a.settings
@@ -274,8 +276,6 @@ def method_lines(m: Manifest) -> list[str]:
 
 def quality_line(m: Manifest, where: str) -> str:
     """How the quality table was measured: the text, its chunking and llama-perplexity's definitions."""
-    from moeprep.quality.scoring import METHODS
-
     s = m.smoke
     records = [q for a in m.artifacts if (e := m.smoke_result(a)) and (q := e.quality) is not None]
     q = next((r for r in records if r.chunked), None)
@@ -284,7 +284,7 @@ def quality_line(m: Manifest, where: str) -> str:
         return (f"KLD vs F16 and same top token: per-position KL divergence over {old.positions} positions of a "
                 f"fixed text (sha256 {old.text_sha256[:12]}…), logits from one llama.cpp eval; perplexity was not "
                 f"measured; {where}.")
-    if q is None:
+    if q is None or s is None:
         return "Perplexity and KLD: not measured (no quality figure is recorded for these files)."
     method = {**METHODS, **{k: v for k, v in s.methods.items() if k in METHODS}}
     return (f"Perplexity and KLD vs F16: `{cell(q.text)}` (sha256 {q.text_sha256[:12]}…, {q.text_tokens} tokens), "
@@ -340,11 +340,6 @@ def _imatrix_line(m: Manifest) -> str:
 
 def render(m: Manifest, repo: RepoCard, record: CardRecord, template: Path | None = None) -> str:
     """The card for `repo`: the manifest and its card record through the template (moeprep's own unless given)."""
-    from jinja2 import FileSystemLoader, StrictUndefined
-    from jinja2.sandbox import SandboxedEnvironment
-
-    from moeprep.assets import template as shipped
-
     template = Path(template) if template else shipped()
     if not template.is_file():
         raise MoeprepError(f"card template {template} not found", "pass --template PATH, or reinstall moeprep")

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from moeprep.errors import IntegrityError, MoeprepError
+from moeprep.hub.repo import cached
 from moeprep.inputs import load_yaml
 from moeprep.limits import MAX_CONFIG
 from moeprep.records.manifest import Source, SourceCard
@@ -72,10 +73,7 @@ def of(source: Source) -> SourceCard:
     if source.kind == "local":
         path: Path | None = Path(source.id) / README
     else:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(source.id, README, revision=source.commit)
-        path = Path(cached) if isinstance(cached, str) else None
+        path = cached(source.id, README, source.commit)
     data = _bytes(path) if path else None
     if data is None or hashlib.sha256(data).hexdigest() != entry.sha256:
         raise MoeprepError(f"the source's README.md as recorded (sha256 {entry.sha256[:12]}…) is not available to read "

@@ -59,7 +59,7 @@ def writing(directory: Path, what: str, dry_run: bool = False):
 def _version(ctx: click.Context, param, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from moeprep.llama.lib import versions
+    from moeprep.llama.build import versions
 
     v = versions()
     click.echo(f"moeprep {__version__} (llama.cpp {v['llama_cpp_commit']}, llama-cpp-python {v['llama_cpp_python']})")

@@ -12,16 +12,13 @@ def json_option(fn):
 
 
 def quant_options(fn):
-    from moeprep.mixes import MIXES  # pure data, no llama.cpp: cheap enough for --help
-
-    mixes = "; ".join(f"{m.name}: {m.base} base, {m.about}" for m in MIXES.values())
     fn = click.option("--threads", type=click.IntRange(0, 512), default=0, help="Quantizer threads (0: all cores).")(fn)
     fn = click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
                       help="Give tensors whose name matches the regular expression PATTERN the ggml type TYPE "
                            "(Q8_0, Q6_K, Q4_K, ...), as llama-quantize's --tensor-type; repeat for more, the first "
                            "match wins. Applies to every quant and mix made, before a mix's own rules.")(fn)
     fn = click.option("--mix", "mixes", multiple=True, metavar="NAME",
-                      help=f"Also make this named mix, as <Model>-NAME.gguf; repeat for more. ({mixes})")(fn)
+                      help="Also make this named mix, as <Model>-NAME.gguf; repeat for more (the mixes are listed below).")(fn)
     return click.option("--quant", "quants", multiple=True, metavar="TYPE",
                         help="Quant to make; repeat for more. [default: Q8_0, Q4_K_M, Q2_K, unless --mix is given]")(fn)
 
@@ -42,12 +39,17 @@ def card_options(fn):
 
 
 class QuantHelpCommand(click.Command):
-    """Lists llama.cpp's file types in --help; built when help is shown so `moeprep --help` stays instant."""
+    """Lists llama.cpp's file types and moeprep's mixes in --help; built when help is shown, so that `moeprep --help`
+    stays instant."""
 
     def format_epilog(self, ctx, formatter):
-        from moeprep.llama.lib import file_types
+        from moeprep.llama.build import file_types
+        from moeprep.quants import MIXES
 
         super().format_epilog(ctx, formatter)
         formatter.write_paragraph()
         with formatter.indentation():
             formatter.write_text("Quant types (llama.cpp file types): " + ", ".join(file_types()) + ".")
+            formatter.write_paragraph()
+            formatter.write_text("Mixes: " + "; ".join(f"{m.name}: {m.base} base, {m.about}" for m in MIXES.values())
+                                 + ".")

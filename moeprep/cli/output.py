@@ -7,7 +7,8 @@ result as JSON instead, so output can be piped.
 from __future__ import annotations
 
 import json
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
@@ -15,9 +16,14 @@ from moeprep.files import human_bytes as hb
 from moeprep.records.results import text
 from moeprep.shell import command
 
+if TYPE_CHECKING:  # the commands import what they run when they run: `moeprep --help` stays fast
+    from moeprep.stages.doctor import DoctorReport
+
 
 def status(line: str) -> None:
     click.echo(f"moeprep: {line}", err=True)
+
+T = TypeVar("T")
 
 
 def jsonable(value) -> object:
@@ -26,7 +32,7 @@ def jsonable(value) -> object:
     return to_jsonable_python(value, fallback=str)
 
 
-def emit(result, as_json: bool, lines: Callable[[object], Iterable[str]]) -> None:
+def emit(result: T, as_json: bool, lines: Callable[[T], Iterable[str]]) -> None:
     if as_json:
         click.echo(json.dumps(jsonable(result), indent=2))
     else:
@@ -207,19 +213,19 @@ def _build_lines(commit: str | None, build: dict, programs: dict) -> list[str]:
     return lines
 
 
-def doctor_lines(d) -> list[str]:
-    t = d["tools"]
+def doctor_lines(d: DoctorReport) -> list[str]:
+    t = d.tools
     lines = [f"llama.cpp {t['llama_cpp_commit']} via llama-cpp-python {t['llama_cpp_python']}; "
-             f"backends: {', '.join(d['backends'])}; GPU offload {'yes' if t['gpu_offload'] else 'no'}"]
+             f"backends: {', '.join(d.backends)}; GPU offload {'yes' if t['gpu_offload'] else 'no'}"]
     lines += [f"  {x['name']}: {x['description']} ({x['type']}), {hb(x['memory_total'])} total, {hb(x['memory_free'])} free"
-              for x in d["devices"]]
-    lines += _build_lines(t["llama_cpp_commit"], d["build"], d["programs"])
-    lines.append(f"NVML: {d['nvml']}")
-    hw = d["hardware"]
+              for x in d.devices]
+    lines += _build_lines(t["llama_cpp_commit"], d.build, d.programs)
+    lines.append(f"NVML: {d.nvml}")
+    hw = d.hardware
     lines += [f"  GPU {g.index}: {g.name}, {g.memory_total_mib:.0f} MiB, driver {g.driver}, CUDA {g.cuda}" for g in hw.gpus]
     lines.append(f"CPU: {hw.cpu} ({hw.cpu_cores} cores), RAM {hw.ram_gib} GiB")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in t.items()))
-    g = d["gguf"]
+    g = d.gguf
     lines.append(f"gguf module: {g['distribution']} {g['version']}, {g['files_checked']} files checked, "
                  f"{len(g['files_changed'])} changed")
     return lines

@@ -11,8 +11,9 @@ from moeprep.cli.options import card_options, json_option
 from moeprep.cli.output import emit, status
 from moeprep.errors import MoeprepError
 from moeprep.lock import locked
-from moeprep.release import run as release_stage
-from moeprep.stages import card as card_stage
+from moeprep.records import manifest as mf
+
+GROUPS = ("prepare", "smoke", "publish")  # release/run.py's GROUPS, named here so that `--help` imports nothing heavy
 
 
 @main.command()
@@ -37,6 +38,7 @@ def card(directory, repo_id, layout, template, max_shard, quantized_by, base_mod
       moeprep card Phi-3.5-MoE-instruct-GGUF --repo-id me/Phi-3.5-MoE-instruct-GGUF --push
     """
     from moeprep.card.lint import lint
+    from moeprep.stages import card as card_stage
 
     if check:
         problems = lint(check)
@@ -49,18 +51,25 @@ def card(directory, repo_id, layout, template, max_shard, quantized_by, base_mod
         raise MoeprepError("no output directory given", "moeprep card DIR, or moeprep card --check FILE")
     if and_push and not repo_id:
         raise MoeprepError("--push needs --repo-id ORG/NAME", "name the Hub repo to push to")
+    from moeprep.stages import plan, split
     from moeprep.units import parse_size
 
     options = card_stage.CardOptions(repo_id=repo_id, layout=layout, quantized_by=quantized_by, base_model=base_model,
-                                     template=template, max_shard=parse_size(max_shard, "shard size"))
+                                     template=template)
+    shard = parse_size(max_shard, "shard size")
     with writing(directory, "card", dry_run):
+        manifest = mf.load(directory)
+        card_stage.check_files(directory, manifest)  # before the plan and the split read them
+        plan.stage(directory, manifest, save=not dry_run, status=status)  # a directory made before plans were kept
+        split_outcome = split.stage(directory, shard, dry_run=dry_run, status=status)
         written = card_stage.write(directory, options, dry_run=dry_run, status=status)
+    output.notes(split_outcome)
     output.notes(written)
     if and_push:
         _push(directory, repo_id, layout, None, private, dry_run, as_json)
         return
     emit({"cards": written.result, "made": written.made, "kept": written.kept}, as_json,
-         lambda r: [("would write " if dry_run else "wrote ") + str(p) for p in written.result])
+         lambda r: [("would write " if dry_run else "wrote ") + str(p) for p in written.result or []])
 
 
 @main.command()
@@ -146,9 +155,11 @@ def release(recipe: Path, stages: str | None, quants: tuple[str, ...], out: Path
     Example:
       moeprep release recipes/phi-3.5-moe-instruct.yaml --stages smoke --quant Q4_K_M
     """
+    from moeprep.release import run as release_stage
+
     chosen = release_stage.parse_stages(stages)
     if dry_run:
-        emit(release_stage.plan(recipe, stages=chosen, out=out), as_json, release_stage.describe)
+        emit(release_stage.dry_run(recipe, stages=chosen, out=out), as_json, lambda plan: plan.lines())
         return
     report = release_stage.run(recipe, stages=chosen, out=out, quants=list(quants) or None, status=status)
     for outcome in report.stages.values():
@@ -158,7 +169,7 @@ def release(recipe: Path, stages: str | None, quants: tuple[str, ...], out: Path
 
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path), default=Path("recipes"))
-@click.option("--group", type=click.Choice(list(release_stage.GROUPS)), help="Only this stage group.")
+@click.option("--group", type=click.Choice(GROUPS), help="Only this stage group.")
 @json_option
 def matrix(folder: Path, group: str | None, as_json: bool) -> None:
     """Print the GitHub Actions matrix (JSON) for scheduled releases.
@@ -171,4 +182,6 @@ def matrix(folder: Path, group: str | None, as_json: bool) -> None:
     Example:
       moeprep matrix recipes/ --group smoke
     """
+    from moeprep.release import run as release_stage
+
     emit(release_stage.matrix(folder, group), True, list)

@@ -19,7 +19,7 @@ from moeprep.limits import (
     MAX_TOKENS,
 )
 from moeprep.lock import locked
-from moeprep.predict.tiers import TIERS_GIB
+from moeprep.predict import TIERS_GIB
 
 
 @main.command()
@@ -62,19 +62,19 @@ def convert(source, out, outtype, quants, mixes, tensor_types, revision, threads
     Example:
       moeprep convert microsoft/Phi-3.5-MoE-instruct --quant Q8_0 --quant Q4_K_M --mix moe-q4
     """
-    from moeprep.stages.pipeline import ImatrixSpec, default_out, model_name, prepare
-    from moeprep.stages.quantize import DEFAULT_QUANTS
+    from moeprep.quants import DEFAULT_QUANTS
+    from moeprep.release.pipeline import prepare
+    from moeprep.stages.convert import default_out, model_name
 
     chosen = list(quants) or ([] if mixes else list(DEFAULT_QUANTS))
-    spec = ImatrixSpec(imatrix_text, chosen + list(mixes)) if imatrix_text else None
     folder = Path(out) if out else default_out(model_name(source))
     with locked(folder, f"convert {source}"):
         outcome = prepare(source, out=folder, outtype=outtype, quants=chosen, mixes=list(mixes),
-                          tensor_types=list(tensor_types), revision=revision, nthread=threads, imatrix=spec,
-                          status=status)
+                          tensor_types=list(tensor_types), revision=revision, nthread=threads,
+                          imatrix_text=imatrix_text, status=status)
     output.notes(outcome)
     emit({"out": folder, "made": outcome.made, "kept": outcome.kept, "notes": outcome.notes,
-          "manifest": outcome.result.to_dict()}, as_json, lambda r: output.outcome_lines(outcome, folder))
+          "manifest": outcome.result.to_dict() if outcome.result else None}, as_json, lambda r: output.outcome_lines(outcome, folder))
 
 
 @main.command(cls=QuantHelpCommand)
@@ -95,15 +95,19 @@ def quantize(file: Path, quants, mixes, tensor_types, threads: int, imatrix: Pat
     Example:
       moeprep quantize Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-F16.gguf --quant Q4_K_M --mix moe-q4 --dry-run
     """
-    from moeprep.stages.pipeline import quantize_file
-    from moeprep.stages.quantize import DEFAULT_QUANTS, size_lines
+    from moeprep.llama.quantize import size_lines
+    from moeprep.quants import DEFAULT_QUANTS
+    from moeprep.stages.quantize import file_plan, quantize_file
 
     chosen = list(quants) or ([] if mixes else list(DEFAULT_QUANTS))
+    plan = file_plan(file, chosen, list(mixes), list(tensor_types), imatrix, dry_run=dry_run)
     with writing(file.parent, f"quantize {file.name}", dry_run):
-        outcome = quantize_file(file, chosen, threads, status, imatrix, mixes=list(mixes),
-                                tensor_types=list(tensor_types), dry_run=dry_run)
+        outcome = quantize_file(file, plan, nthread=threads, dry_run=dry_run, status=status)
     output.notes(outcome)
-    emit(outcome.result, as_json, size_lines if dry_run else lambda r: output.artifact_lines(r, file.parent))
+    if dry_run:
+        emit(outcome.result or [], as_json, size_lines)
+    else:
+        emit(outcome.result or [], as_json, lambda r: output.artifact_lines(r, file.parent))
 
 
 @main.command()
@@ -190,13 +194,13 @@ def smoke(target, placements, runs, ctx, new_tokens, threads, flash_attn, n_batc
       moeprep smoke Phi-3.5-MoE-instruct-GGUF --quality-ctx 512 --quality-chunks 8
     """
     from moeprep import placement
-    from moeprep.records.results import SmokeSettings
+    from moeprep.records.results import FlashAttn, SmokeSettings
     from moeprep.stages import smoke as stage
 
-    settings = SmokeSettings(runs=runs, ctx=ctx, new_tokens=new_tokens, threads=threads, flash_attn=flash_attn,
+    settings = SmokeSettings(runs=runs, ctx=ctx, new_tokens=new_tokens, threads=threads, flash_attn=FlashAttn(flash_attn),
                              n_batch=n_batch, n_ubatch=n_ubatch, quality_ctx=quality_ctx, quality_chunks=quality_chunks)
     if placements:
-        settings.placements = [placement.parse(p).name for p in placements]
+        settings.placements = [placement.parse(p) for p in placements]
     with writing(target if target.is_dir() else target.parent, f"smoke {target}"):
         report = stage.run(target, settings, reference=reference, quality_text=quality_text, status=status).result
     emit(report, as_json, output.smoke_lines)
@@ -236,11 +240,12 @@ def plan(file: Path, ctx: int, ubatch: int, batch: int, flash_attn: str, vram: s
       moeprep plan Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-Q4_K_M.gguf --ctx 8192 --vram 24GiB
       moeprep plan Phi-3.5-MoE-instruct-GGUF --tiers 16,24,48
     """
-    from moeprep.predict.plan import plan_file
+    from moeprep.stages.plan import plan_file
     from moeprep.units import parse_size
 
     if tiers is not None:
-        from moeprep.predict.tiers import parse_tiers, table
+        from moeprep.predict.tiers import parse_tiers
+        from moeprep.stages.plan import tiers as table
 
         room = parse_size(headroom, "headroom") / 2**20 if headroom else None
         emit(table(file, tiers_gib=parse_tiers(tiers), flash_attn=flash_attn, headroom_mib=room), as_json,
@@ -259,7 +264,7 @@ def doctor(as_json: bool) -> None:
     Example:
       moeprep doctor --json
     """
-    from moeprep.hardware import report
+    from moeprep.stages.doctor import report
 
     emit(report(), as_json, output.doctor_lines)
 

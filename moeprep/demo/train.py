@@ -22,12 +22,24 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
+import sentencepiece
+import sentencepiece as spm
+import torch
+import transformers
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging
+
+from moeprep import progress
+from moeprep.assets import calibration
+from moeprep.demo import model as demo
 from moeprep.errors import MoeprepError
+from moeprep.files import remove
 from moeprep.records.outcome import Status, quiet
 
 RECORD = "moeprep-training.json"  # in the checkpoint: the key and how training went; the converter ignores it
@@ -66,13 +78,7 @@ def cache_root() -> Path:
 
 
 def key(kind: str, schedule: Schedule, text: str) -> str:
-    import sentencepiece
-    import torch
-    import transformers
-
-    from moeprep.demo.run import _config
-
-    inputs = {"format": FORMAT, "kind": kind, "config": _config(kind, schedule.vocab), "schedule": asdict(schedule),
+    inputs = {"format": FORMAT, "kind": kind, "config": demo.model_config(kind, schedule.vocab), "schedule": asdict(schedule),
               "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "torch": torch.__version__,
               "transformers": transformers.__version__, "sentencepiece": sentencepiece.__version__}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
@@ -81,8 +87,6 @@ def key(kind: str, schedule: Schedule, text: str) -> str:
 def trained(kind: str, schedule: Schedule | None = None, *, cache: Path | None = None, text: Path | None = None,
             status: Status = quiet) -> Trained:
     """The trained `kind` checkpoint from the cache, trained and cached first if it is not there."""
-    from moeprep.assets import calibration
-
     schedule = schedule or DEFAULT
     text_path = Path(text) if text else calibration()
     corpus = text_path.read_text(encoding="utf-8")
@@ -121,8 +125,6 @@ def trained(kind: str, schedule: Schedule | None = None, *, cache: Path | None =
 def replace_folder(src: Path, dest: Path) -> None:
     """Copy the folder `src` to `dest`, replacing what is there: copied aside, then renamed into place. A link in
     `dest`'s place is removed, never followed."""
-    from moeprep.files import remove
-
     dest = Path(dest)
     tmp, old = dest.with_name(dest.name + ".partial"), dest.with_name(dest.name + ".old")
     for leftover in (tmp, old):
@@ -171,22 +173,16 @@ def _paragraphs(corpus: str) -> list[str]:
 
 def _train(kind: str, schedule: Schedule, corpus: str, text_name: str, k: str, folder: Path) -> dict:
     """Tokenizer, random start, training, and the trained checkpoint written into `folder`."""
-    import sentencepiece as spm
-    import torch
-
-    from moeprep import progress
-    from moeprep.demo import run as demo
-
     paragraphs = _paragraphs(corpus)
-    vocab = demo._tokenizer(folder, schedule.vocab, paragraphs)
+    vocab = demo.make_tokenizer(folder, schedule.vocab, paragraphs)
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     # each paragraph after a BOS, as llama.cpp starts a prompt
     ids = torch.tensor([t for p in paragraphs for t in [1, *sp.encode(p)]])
     if len(ids) <= schedule.seq:
         raise MoeprepError(f"the calibration text {text_name} is too short to train on ({len(ids)} tokens)",
                            f"give one of more than {schedule.seq} tokens")
-    config = demo._config(kind, vocab)
-    start = demo._tensors(config, schedule.seed)
+    config = demo.model_config(kind, vocab)
+    start = demo.random_tensors(config, schedule.seed)
     init = folder / "init"
     init.mkdir()
     demo.write(init, kind, config, start, "")
@@ -214,17 +210,12 @@ def _train(kind: str, schedule: Schedule, corpus: str, text_name: str, k: str, f
 
 
 def _load(folder: Path, config: dict):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     # grouped_mm: the experts as one grouped matmul; the default loops over experts and costs ~3x as much here
     extra = {"experts_implementation": "grouped_mm"} if config.get("num_local_experts") else {}
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **extra)
 
 
 def _fit(model, ids, schedule: Schedule, bar) -> None:
-    import torch
-
     gen = torch.Generator().manual_seed(schedule.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=schedule.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
 
@@ -253,8 +244,6 @@ def _fit(model, ids, schedule: Schedule, bar) -> None:
 
 def _loss(model, ids, seq: int) -> float:
     """Mean next-token loss over the whole text, in windows of `seq` tokens, routing as at inference."""
-    import torch
-
     model.eval()
     windows = [ids[i:i + seq] for i in range(0, len(ids) - 1, seq)]
     total = count = 0.0
@@ -273,9 +262,6 @@ def _original_layout(model, scratch: Path, start: dict) -> dict:
 
     transformers 5 fuses each layer's experts into 3-D tensors when it loads; save_pretrained writes them back
     one tensor per expert, under the names the converter reads."""
-    import torch
-    from safetensors.torch import load_file
-
     model.save_pretrained(str(scratch))
     tensors = {}
     for shard in sorted(scratch.glob("*.safetensors")):
@@ -290,8 +276,6 @@ def _original_layout(model, scratch: Path, start: dict) -> dict:
 
 @contextmanager
 def _threads(n: int) -> Iterator[None]:
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -303,8 +287,6 @@ def _threads(n: int) -> Iterator[None]:
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """No rope-parameter warnings or weight-loading bars from transformers: moeprep's own bar shows progress."""
-    from transformers.utils import logging
-
     level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
     logging.disable_progress_bar()

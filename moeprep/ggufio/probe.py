@@ -6,12 +6,13 @@ The reader memory-maps the file, so probing an 80 GB GGUF reads only its header.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from gguf import GGUFReader, LlamaFileType
+
 from moeprep.errors import IntegrityError, MoeprepError
-from moeprep.placement import CPU_MOE_PATTERN, MAX_BLOCKS, n_cpu_moe_patterns  # noqa: F401  (probe's vocabulary)
-from moeprep.placement import Placement as Spec
+from moeprep.placement import CPU_MOE, CPU_MOE_PATTERN, GPU, MAX_BLOCKS, Placement, n_cpu_moe_patterns  # noqa: F401  (probe's vocabulary)
+from moeprep.records.probe import Attention, LayerExperts, Offload, ProbeReport, TensorInfo
 
 _EXPERT = re.compile(CPU_MOE_PATTERN)
 _SHARED = re.compile(r"_shexp\b")
@@ -19,88 +20,6 @@ _ROUTER = re.compile(r"\.(ffn_gate_inp|exp_probs_b)\.")
 _LEGACY = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 MAX_EXPERTS = 4096
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    type: str
-    shape: list[int]
-    bytes: int
-
-
-@dataclass
-class LayerExperts:
-    block: int
-    experts: list[TensorInfo] = field(default_factory=list)
-    shared: list[TensorInfo] = field(default_factory=list)
-    router: list[TensorInfo] = field(default_factory=list)
-    expert_bytes: int = 0
-
-
-@dataclass
-class Placement:
-    """What one override setting moves to the CPU, and what stays on the GPU."""
-
-    name: str  # "gpu", "cpu-moe", "n-cpu-moe=N"
-    tensors_moved: int
-    bytes_moved: int
-    bytes_on_gpu: int  # with every layer offloaded; token_embd stays in host memory
-
-    @property
-    def patterns(self) -> list[str]:
-        return Spec(self.name).patterns
-
-
-@dataclass
-class Attention:
-    """What the KV cache's size follows from (per-layer arrays reduced to their largest value)."""
-
-    head_count: int | None = None
-    head_count_kv: int | None = None
-    key_length: int | None = None
-    value_length: int | None = None
-    kv_lora_rank: int | None = None  # MLA (deepseek2): a compressed latent cache
-    rope_dimension_count: int | None = None
-    sliding_window: int | None = None
-
-
-@dataclass
-class ProbeReport:
-    file: str
-    architecture: str
-    file_type: str | None
-    block_count: int
-    expert_count: int
-    expert_used_count: int
-    expert_shared_count: int
-    leading_dense_block_count: int
-    context_length: int | None
-    embedding_length: int | None
-    n_params: int
-    layout: str  # "merged", "legacy-per-expert" or "dense"
-    loadable: bool
-    notes: list[str]
-    bytes: dict[str, int]
-    layers: list[LayerExperts]
-    placements: list[Placement]
-    attention: Attention = field(default_factory=Attention)  # absent from format 1 manifests: all None
-    types: dict[str, dict[str, int]] = field(default_factory=dict)  # tensor class -> {ggml type: tensors}
-
-    @property
-    def is_moe(self) -> bool:
-        return self.layout != "dense"
-
-    def expert_tensor_names(self) -> list[str]:
-        return [t.name for layer in self.layers for t in layer.experts]
-
-    def placement(self, name: str) -> Placement | None:
-        return next((p for p in self.placements if p.name == name), None)
-
-    def to_dict(self) -> dict:
-        from pydantic import TypeAdapter
-
-        return TypeAdapter(ProbeReport).dump_python(self, mode="json")
 
 
 def tensor_class(name: str) -> str:
@@ -132,8 +51,6 @@ def type_summary(tensors: list[TensorInfo]) -> dict[str, dict[str, int]]:
 
 def read(path: Path):
     """gguf-py's reader over `path`, after checking it is a whole GGUF; one clear error otherwise."""
-    from gguf import GGUFReader
-
     path = Path(path)
     if path.is_dir():
         raise MoeprepError(f"{path} is a directory", "give the path of a .gguf file in it")
@@ -170,8 +87,6 @@ def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
 
     `n_values` picks which --n-cpu-moe N to evaluate (default: every N from 1 to block_count).
     """
-    from gguf import LlamaFileType
-
     path = Path(path)
     reader = read(path)
     arch = str(value(reader, "general.architecture", "unknown"))
@@ -269,24 +184,24 @@ def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
     )
     if n_values is None:
         n_values = list(range(1, block_count + 1)) if report.is_moe else []
-    report.placements = placements(tensors, n_values) if report.is_moe else [_place(tensors, Spec("gpu"))]
+    report.placements = placements(tensors, n_values) if report.is_moe else [_place(tensors, GPU)]
     return report
 
 
-def _place(tensors: list[TensorInfo], spec: Spec) -> Placement:
+def _place(tensors: list[TensorInfo], spec: Placement) -> Offload:
     compiled = [re.compile(p) for p in spec.patterns]
     moved = [t for t in tensors if any(p.search(t.name) for p in compiled)]
     names = {t.name for t in moved}
     # llama.cpp keeps the input layer (token_embd) in host memory whatever the offload
     on_gpu = sum(t.bytes for t in tensors if t.name not in names and not t.name.startswith("token_embd."))
-    return Placement(spec.name, len(moved), sum(t.bytes for t in moved), on_gpu)
+    return Offload(spec, len(moved), sum(t.bytes for t in moved), on_gpu)
 
 
-def placements(tensors: list[TensorInfo], n_values: list[int]) -> list[Placement]:
+def placements(tensors: list[TensorInfo], n_values: list[int]) -> list[Offload]:
     """gpu, cpu-moe and n-cpu-moe=N for each N, in one pass over the tensors: --n-cpu-moe N moves exactly the
     --cpu-moe tensors of blocks 0..N-1 (its patterns are `blk\\.i` + --cpu-moe's), so each N is a running sum."""
-    every = _place(tensors, Spec("cpu-moe"))
-    out = [_place(tensors, Spec("gpu")), every]
+    every = _place(tensors, CPU_MOE)
+    out = [_place(tensors, GPU), every]
     if not n_values:
         return out
     total_on_gpu = out[0].bytes_on_gpu
@@ -300,11 +215,11 @@ def placements(tensors: list[TensorInfo], n_values: list[int]) -> list[Placement
         count, size = per_block.get(n - 1, (0, 0))
         moved_n, moved_b = moved_n + count, moved_b + size
         if n in n_values:
-            out.append(Placement(f"n-cpu-moe={n}", moved_n, moved_b, total_on_gpu - moved_b))
+            out.append(Offload(Placement(f"n-cpu-moe={n}"), moved_n, moved_b, total_on_gpu - moved_b))
     return out
 
 
-def expected_overrides(report: ProbeReport, spec: Spec) -> list[str]:
+def expected_overrides(report: ProbeReport, spec: Placement) -> list[str]:
     """The expert tensors llama.cpp should report as overridden for a placement: what smoke checks."""
     compiled = [re.compile(p) for p in spec.patterns]
     return [t.name for layer in report.layers for t in layer.experts if any(c.search(t.name) for c in compiled)]

@@ -8,6 +8,16 @@ from __future__ import annotations
 
 import re
 
+import httpx2
+from huggingface_hub import constants, get_token
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
 from moeprep.errors import HubError, MoeprepError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -20,15 +30,11 @@ def check_repo_id(repo_id: str) -> str:
 
 
 def url(repo_id: str) -> str:
-    from huggingface_hub import constants
-
     return f"{constants.ENDPOINT}/{repo_id}"
 
 
 def network_cause(e: BaseException | None) -> BaseException | None:
     """The transport error behind `e`; huggingface_hub wraps failed LFS uploads in a RuntimeError."""
-    import httpx2
-
     while e is not None:
         if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)):
             return e
@@ -38,15 +44,6 @@ def network_cause(e: BaseException | None) -> BaseException | None:
 
 def error(e: Exception, repo_id: str, *, revision: str | None = None, writing: bool = False) -> MoeprepError:
     """One HubError, with what to do next, for an exception raised while talking to the Hub."""
-    from huggingface_hub import constants, get_token
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     where = url(repo_id)
     status = getattr(getattr(e, "response", None), "status_code", None)
     if isinstance(e, GatedRepoError):

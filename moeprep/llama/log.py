@@ -4,8 +4,14 @@ it resolved flash attention. The log is llama.cpp's own evidence; these are its 
 
 from __future__ import annotations
 
+import ctypes
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+import llama_cpp
+from llama_cpp import _logger
 
 from moeprep.records.results import Buffer, FlashAttn, Override
 
@@ -51,3 +57,21 @@ def parse_log(text: str) -> LoadLog:
     if log.flash_attn_used is None and log.flash_attn in (FlashAttn.ON, FlashAttn.OFF):
         log.flash_attn_used = log.flash_attn is FlashAttn.ON  # on or off as asked: llama.cpp resolves nothing
     return log
+
+
+LogLine = Callable[[int, str], None]  # (ggml log level, text)
+
+
+@contextmanager
+def capture_log(on_line: LogLine) -> Iterator[None]:
+    """Route llama.cpp's and ggml's log to `on_line` for the duration, then give it back to llama-cpp-python."""
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data) -> None:
+        on_line(level, text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        del callback  # only now may the ctypes thunk be collected

@@ -19,20 +19,16 @@ ggml-cuda resolves it (`cuda_flash_attn`), and the staging of experts left in ho
 from __future__ import annotations
 
 import re
-import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from moeprep.ggufio.probe import ProbeReport, probe
-from moeprep.llama.log import parse_log
-from moeprep.placement import Placement as Spec
-from moeprep.records import manifest as mf
+from moeprep.llama.context import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_UBATCH
+from moeprep.placement import Placement
+from moeprep.records.probe import ProbeReport
 from moeprep.records.results import FileResult, FlashAttn, PlanRecord, Simulation
 
 COMPUTE_NOT_INCLUDED = "not included (depends on backend and n_ubatch; see measured values where a GPU smoke exists)"
 
 # llama-server's defaults (common/common.h): n_batch 2048, n_ubatch 512, flash attention auto, f16 caches.
-DEFAULT_BATCH, DEFAULT_UBATCH, DEFAULT_FLASH_ATTN = 2048, 512, FlashAttn.AUTO
 
 # ggml-cuda's offload_op: an op whose weight sits in host memory runs on the GPU (its weight copied over)
 # when its batch is at least this many tokens; below it the op stays on the CPU and nothing is staged.
@@ -110,70 +106,7 @@ def cuda_flash_attn(report: ProbeReport, cache_type_k: str = "f16", cache_type_v
     return False, f"{shape} (GQA ratio {gqa}) has no CUDA flash-attention kernel ({CUDA_FA_SOURCE})"
 
 
-def read_simulation(text: str, placement: str | None, seconds: float = 0.0) -> Simulation:
-    """The applied context settings, the memory and the compute buffers in a llama.cpp context-creation log."""
-    log = parse_log(text)
-    compute = [b for b in log.buffers if b.kind == "compute"]
-    if not compute or not {"n_ctx", "n_batch", "n_ubatch"} <= log.context.keys():
-        raise ValueError("no context was created: the log has no compute buffer or context settings")
-    on_gpu = [b for b in compute if b.on_gpu]
-    counted = on_gpu or [b for b in compute if b.device == "CPU"]
-    asked = log.flash_attn
-    ran = {True: FlashAttn.ON, False: FlashAttn.OFF}.get(log.flash_attn_used)  # type: ignore[arg-type]
-    sizes = [line.split(": size =", 1)[1].strip() for line in text.splitlines() if ": size =" in line
-             and line.strip().startswith(("llama_kv_cache", "llama_memory_recurrent"))]
-    return Simulation(
-        device="+".join(sorted({b.device for b in counted})),
-        placement=placement,
-        flash_attn=ran or asked or FlashAttn.OFF,
-        n_ctx=int(log.context["n_ctx"]),
-        n_batch=int(log.context["n_batch"]),
-        n_ubatch=int(log.context["n_ubatch"]),
-        compute=round(sum(b.mib for b in counted) * 2**20),
-        buffers=compute,
-        seconds=seconds,
-        kv=round(log.memory_mib * 2**20),
-        kv_method="; ".join(f"size = {s}" for s in sizes),
-        asked=asked,
-    )
-
-
-def simulate(path: Path, report: ProbeReport, *, ctx: int, ubatch: int = DEFAULT_UBATCH, batch: int = DEFAULT_BATCH,
-             flash_attn: FlashAttn | str = DEFAULT_FLASH_ATTN) -> list[Simulation]:
-    """Let llama.cpp size `path`'s KV cache and compute buffer for these settings, without allocating anything.
-
-    Both flash attention states are simulated, so the plan can show both; with a GPU backend every placement is
-    simulated on it with its overrides, and `auto` once more so that llama.cpp resolves it. On the CPU backend the
-    overrides change nothing (every buffer is host memory), so one run per state serves every placement.
-    """
-    from moeprep.errors import MoeprepError
-    from moeprep.hardware import physical_cores
-    from moeprep.llama.lib import ContextParams, devices, simulate_context
-
-    asked = FlashAttn(flash_attn)
-    on_gpu = any(d["type"] in ("GPU", "IGPU") for d in devices())
-    states = [FlashAttn.ON, FlashAttn.OFF]
-    runs: list[tuple[str | None, list[str], FlashAttn]] = []
-    if on_gpu:
-        runs = [(p.name, p.patterns, fa) for p in report.placements for fa in states]
-        if asked is FlashAttn.AUTO:
-            runs.append(("gpu", [], FlashAttn.AUTO))
-    else:
-        runs = [(None, [], fa) for fa in states]
-    out = []
-    for name, patterns, fa in runs:
-        params = ContextParams(n_ctx=ctx, n_batch=batch, n_ubatch=ubatch, threads=physical_cores(), flash_attn=fa)
-        start = time.perf_counter()
-        text = simulate_context(path, patterns=patterns, params=params)
-        try:
-            out.append(read_simulation(text, name, time.perf_counter() - start))
-        except ValueError as e:
-            raise MoeprepError(f"llama.cpp sized no context for {Path(path).name}: {e}",
-                               "run with --debug and report it as a moeprep bug") from e
-    return out
-
-
-def expert_staging(report: ProbeReport, placement: str, n_ubatch: int) -> tuple[int, str | None]:
+def expert_staging(report: ProbeReport, placement: Placement, n_ubatch: int) -> tuple[int, str | None]:
     """What CUDA's compute buffer holds for one expert matmul when experts stay in host memory.
 
     For ubatches of OP_OFFLOAD_MIN_BATCH tokens or more, ggml-cuda runs the expert matmuls on the GPU and the
@@ -185,7 +118,7 @@ def expert_staging(report: ProbeReport, placement: str, n_ubatch: int) -> tuple[
     """
     if n_ubatch < OP_OFFLOAD_MIN_BATCH:
         return 0, None
-    patterns = [re.compile(p) for p in Spec(placement).patterns]
+    patterns = [re.compile(p) for p in placement.patterns]
     best, why = 0, None
     for layer in report.layers:
         moved = [t for t in layer.experts if any(p.search(t.name) for p in patterns)]
@@ -211,7 +144,7 @@ def kq_mask_bytes(sim: Simulation) -> int:
     return sim.n_ctx * sim.n_ubatch * (2 if sim.flash_attn is FlashAttn.ON else 4)
 
 
-def _staged(report: ProbeReport, placement: str, sim: Simulation) -> tuple[int, str]:
+def _staged(report: ProbeReport, placement: Placement, sim: Simulation) -> tuple[int, str]:
     """CUDA's compute buffer for a placement with experts in host memory, from a CPU-only simulation.
 
     Fitted to the H200 rows (EVIDENCE) by this account of them: the graph is split at every expert matmul, and
@@ -247,7 +180,7 @@ class Measured:
 
 @dataclass
 class PlanRow:
-    placement: str
+    placement: Placement
     weights_on_gpu: int
     kv_cache: int
     predicted_total: int  # weights + KV cache + compute buffer (the compute buffer only where it was predicted)
@@ -343,7 +276,7 @@ def predict(report: ProbeReport, ctx: int = 4096, vram: int | None = None, smoke
         first = next(smoke.placements[r.placement] for r in plan.rows if r.measured)
         plan.measured_note = _measured_note(plan, _smoke_ran(first, smoke_ctx))
     if vram:
-        fitting = sorted((r for r in plan.rows if r.fits), key=lambda r: Spec(r.placement).order)
+        fitting = sorted((r for r in plan.rows if r.fits), key=lambda r: r.placement.order)
         plan.recommended = fitting[0].placement if fitting else None
     return plan
 
@@ -422,38 +355,6 @@ def _error(predicted: float, measured: float) -> float | None:
     return 100 * (predicted - measured) / measured if measured else None
 
 
-def plan_file(path: Path, ctx: int = 4096, vram: int | None = None, *, ubatch: int = DEFAULT_UBATCH,
-              batch: int = DEFAULT_BATCH, flash_attn: FlashAttn | str = DEFAULT_FLASH_ATTN,
-              simulate_compute: bool = True) -> Plan:
-    """Plan a GGUF file; where its directory's manifest records it, use that probe and any GPU smoke of it.
-
-    The KV cache and compute buffer are sized by llama.cpp itself (`simulate`) unless `simulate_compute` is off.
-    """
-    from moeprep.errors import MoeprepError
-
-    path = Path(path)
-    manifest = mf.load_or_none(path.parent) if path.is_file() else None
-    artifact = manifest.artifact_at(path.name) if manifest else None
-    known = artifact is not None and _unchanged(path, artifact)
-    # a format 1 manifest's probe lacks the attention shape the KV cache follows from: read the header again
-    recorded = artifact.probe if known and artifact.probe and artifact.probe.attention.head_count else None
-    report = recorded or probe(path)
-    smoke = manifest.smoke_result(artifact) if known else None  # a smoke of other bytes answers for nothing here
-    smoke_ctx = manifest.smoke.settings.ctx if smoke and manifest.smoke else None
-    sims, why = [], COMPUTE_NOT_INCLUDED
-    if not simulate_compute:
-        why = "not included (not simulated)"
-    elif not report.loadable:
-        why = "not included: current llama.cpp cannot load this layout, so it cannot size the compute buffer"
-    else:
-        try:
-            sims = simulate(path, report, ctx=ctx, ubatch=ubatch, batch=batch, flash_attn=flash_attn)
-        except MoeprepError as e:
-            why = f"not included: {e.message}"
-    return predict(report, ctx, vram, smoke, simulations=sims, batch=batch, ubatch=ubatch, flash_attn=flash_attn,
-                   smoke_ctx=smoke_ctx, compute_not_included=why)
-
-
 # The contexts every file is planned at where it is made, for the card's tier table and offload plan: 4k, 16k, 32k
 # and the model's trained maximum (tiers.contexts_for), at llama-server's batches and f16 caches.
 CONTEXTS = (4096, 16384, 32768)
@@ -468,38 +369,6 @@ def contexts_for(trained: int | None, asked: list[int] | None = None) -> list[in
     return sorted(set(chosen))
 
 
-def record(path: Path, report: ProbeReport, contexts: list[int], *, ubatch: int = DEFAULT_UBATCH,
-           batch: int = DEFAULT_BATCH) -> list[PlanRecord]:
-    """llama.cpp's sizings of `path` at each context, as the manifest keeps them (no timings: a record of the
-    same file on the same build is the same record)."""
-    from moeprep.errors import MoeprepError
-    from moeprep.llama.lib import devices, versions
-
-    backend = next((d["name"] for d in devices() if d["type"] in ("GPU", "IGPU")), "CPU")
-    out = []
-    for ctx in contexts:
-        rec = PlanRecord(ctx, batch, ubatch, "f16", versions()["llama_cpp_commit"], backend)
-        if not report.loadable:
-            rec.why_not = "current llama.cpp cannot load this layout, so it cannot size the compute buffer"
-        else:
-            try:
-                rec.simulations = [replace(s, seconds=0.0) for s in simulate(path, report, ctx=ctx, ubatch=ubatch, batch=batch)]
-            except MoeprepError as e:
-                rec.why_not = e.message
-        out.append(rec)
-    return out
-
-
-def current(records: list[PlanRecord], contexts: list[int]) -> bool:
-    """Records made by this llama.cpp build, for every context asked."""
-    from moeprep.llama.lib import devices, versions
-
-    backend = next((d["name"] for d in devices() if d["type"] in ("GPU", "IGPU")), "CPU")
-    commit = versions()["llama_cpp_commit"]
-    have = {r.ctx for r in records if (r.llama_cpp, r.backend) == (commit, backend)}
-    return set(contexts) <= have
-
-
 def from_record(report: ProbeReport, rec: PlanRecord, vram: int | None = None, smoke: FileResult | None = None,
                 smoke_ctx: int | None = None, flash_attn: FlashAttn | str = DEFAULT_FLASH_ATTN) -> Plan:
     """The plan a record makes: the same computation as `plan_file`, from the sizings kept in the manifest."""
@@ -508,26 +377,3 @@ def from_record(report: ProbeReport, rec: PlanRecord, vram: int | None = None, s
                    compute_not_included=f"not included: {rec.why_not}" if rec.why_not else COMPUTE_NOT_INCLUDED)
 
 
-def stage(out: Path, manifest: mf.Manifest, *, save: bool = True, status=lambda line: None) -> list[str]:
-    """Record each artifact's plans where the GGUF is, unless this build's are recorded, and (with `save`) save the
-    manifest. Returns the files planned now."""
-    made = []
-    for a in manifest.artifacts:
-        if a.probe is None:
-            continue
-        contexts = contexts_for(a.probe.context_length)
-        path = Path(out) / a.path
-        if current(a.plans, contexts) or not (path.is_file() and path.stat().st_size == a.size):
-            continue  # up to date, or nothing here to size (a manifest pulled without its files keeps its records)
-        status(f"plan {a.path}: sizing the KV cache and compute buffer at {', '.join(map(str, contexts))} tokens")
-        a.plans = record(path, a.probe, contexts)
-        made.append(a.path)
-    if made and save:
-        mf.save(out, manifest)
-    return made
-
-
-def _unchanged(path: Path, artifact: mf.Artifact) -> bool:
-    # Size, not sha256: hashing an 80 GB file to plan it would take a minute; a file rewritten since it was
-    # recorded almost always changes size, and is then probed afresh.
-    return path.stat().st_size == artifact.size

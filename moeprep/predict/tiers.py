@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from moeprep.errors import MoeprepError
-from moeprep.ggufio.probe import probe
 from moeprep.inputs import short
 from moeprep.limits import MAX_TIERS
 from moeprep.placement import Placement
-from moeprep.predict.plan import Plan, contexts_for, from_record, record
+from moeprep.predict import TIERS_GIB
+from moeprep.predict.plan import Plan, from_record
 from moeprep.records import manifest as mf
-from moeprep.records.results import FlashAttn
+from moeprep.records.results import FileResult, FlashAttn
 
-TIERS_GIB = (8, 12, 16, 24, 32, 48, 80, 96)
 # The CUDA context and runtime beyond llama.cpp's buffers: 0.5-1.2 GB measured on an H200 (per-process NVML
 # minus the buffers). A GPU smoke in the manifest replaces this with what it measured.
 HEADROOM_MIB = 1024
@@ -32,7 +30,7 @@ GIB = 2**30
 class Cell:
     file: str
     quant: str
-    placement: str | None  # None: does not fit
+    placement: Placement | None  # None: does not fit
     gpu_bytes: int | None  # predicted: weights + KV + compute
     ram_bytes: int | None  # weights left in system memory (experts moved, token_embd)
     command: str | None
@@ -66,17 +64,17 @@ def cell_text(cell: Cell) -> str:
     """A cell as the card and the CLI show it: the placement, and GPU and system memory in the units GPUs are sold in."""
     if cell.placement is None:
         return "does not fit"
-    flags = " ".join(Placement(cell.placement).flags())
+    flags = " ".join(cell.placement.flags())
     shown = (f"`{flags}`" if flags else "all on GPU") + f": GPU {gib(cell.gpu_bytes or 0)}, RAM {gib(cell.ram_bytes or 0)}"
     return shown + (" †" if cell.measured else "")
 
 
-def command(file: str, placement: str, ctx: int, flash_attn: FlashAttn) -> str:
+def command(file: str, placement: Placement, ctx: int, flash_attn: FlashAttn) -> str:
     """The llama-server command for a cell, each argument shell-quoted. `--fit off`: llama-server's --fit is on by
     default at 0c1e570 and gives up, with a warning, once --n-gpu-layers or an expert override is set
     (common/fit.cpp); off, the command does exactly what its cell says. Threads are left to llama-server's default,
     one per physical core of the machine it runs on."""
-    args = ["llama-server", "-m", file, "--n-gpu-layers", "999", *Placement(placement).flags(), "--ctx-size", str(ctx),
+    args = ["llama-server", "-m", file, "--n-gpu-layers", "999", *placement.flags(), "--ctx-size", str(ctx),
             "--flash-attn", str(flash_attn), "--fit", "off"]
     return shlex.join(args)
 
@@ -104,29 +102,6 @@ def headroom(manifest: mf.Manifest | None, default_mib: float = HEADROOM_MIB) ->
                          f"{default_mib:.0f} MiB kept")
 
 
-def table(folder_or_file: Path, *, tiers_gib: list[float] | None = None, contexts: list[int] | None = None,
-          flash_attn: FlashAttn | str = FlashAttn.AUTO, headroom_mib: float | None = None) -> TierTable:
-    """The tier table for every artifact of an output directory, or for one GGUF file, sized now."""
-    target = Path(folder_or_file)
-    folder = target if target.is_dir() else target.parent
-    manifest = mf.load_or_none(folder)
-    if target.is_dir():
-        if manifest is None or not manifest.artifacts:
-            raise MoeprepError(f"no artifacts recorded in {target}", "give a GGUF file, or run `moeprep convert` first")
-        files = [(folder / a.path, a) for a in manifest.artifacts]
-    else:
-        files = [(target, manifest.artifact_at(target.name) if manifest else None)]
-    entries = []
-    for path, artifact in files:
-        report = artifact.probe if artifact and artifact.probe and path.stat().st_size == artifact.size else probe(path)
-        ctxs = contexts_for(report.context_length, contexts)
-        plans = {r.ctx: from_record(report, r, flash_attn=flash_attn) for r in record(path, report, ctxs)}
-        smoke = manifest.smoke_result(artifact) if manifest and artifact else None
-        entries.append((path.name, artifact.quant if artifact else path.stem, plans, smoke))
-    room = headroom(manifest) if headroom_mib is None else (headroom_mib, "as given")
-    return build(entries, tiers_gib, room, FlashAttn(flash_attn))
-
-
 def from_manifest(manifest: mf.Manifest, *, tiers_gib: list[float] | None = None) -> TierTable:
     """The tier table from the plans the manifest records: what the card shows, without any GGUF."""
     entries = []
@@ -136,7 +111,7 @@ def from_manifest(manifest: mf.Manifest, *, tiers_gib: list[float] | None = None
     return build(entries, tiers_gib, headroom(manifest), FlashAttn.AUTO)
 
 
-def build(entries: list[tuple[str, str, dict[int, Plan], object]], tiers_gib: list[float] | None,
+def build(entries: list[tuple[str, str, dict[int, Plan], FileResult | None]], tiers_gib: list[float] | None,
           room: tuple[float, str], flash_attn: FlashAttn) -> TierTable:
     """Fill the table: for each tier and context, each file's placement with the most on the GPU that fits."""
     ctxs = sorted({ctx for _, _, plans, _ in entries for ctx in plans})
@@ -145,7 +120,9 @@ def build(entries: list[tuple[str, str, dict[int, Plan], object]], tiers_gib: li
         measured = {p for p, r in (smoke.placements.items() if smoke else []) if r.gpu_mib() is not None}
         for ctx in ctxs:
             plan = plans.get(ctx)
-            rows = _choices(plan) if plan else []
+            if plan is None:
+                continue
+            rows = _choices(plan)
             for tier in (t for t in result.tiers if t.ctx == ctx):
                 budget = tier.gib * GIB - room[0] * 2**20
                 best = next((r for r in rows if r.compute is not None and r.predicted_total <= budget), None)
@@ -162,5 +139,5 @@ def _choices(plan: Plan) -> list:
     """A plan's placements from the most on the GPU to the least; an N that moves every block's experts is left out
     for --cpu-moe, the simpler flag."""
     every = next((r.weights_on_gpu for r in plan.rows if r.placement == "cpu-moe"), None)
-    return sorted((r for r in plan.rows if r.placement == "cpu-moe" or Placement(r.placement).n_cpu_moe is None
-                   or r.weights_on_gpu != every), key=lambda r: Placement(r.placement).order)
+    return sorted((r for r in plan.rows if r.placement == "cpu-moe" or r.placement.n_cpu_moe is None
+                   or r.weights_on_gpu != every), key=lambda r: r.placement.order)

@@ -12,110 +12,23 @@ top p", RMS Δp. See tools/perplexity/perplexity.cpp: perplexity() and kl_diverg
 
 from __future__ import annotations
 
-import hashlib
 import math
+import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+
+import numpy as np
 
 from moeprep.errors import MoeprepError
-from moeprep.inputs import read_text
-from moeprep.limits import MAX_EVAL_TEXT
+from moeprep.llama.evaluate import Chunking
+from moeprep.quality.text import EvalText
 from moeprep.records.results import GreedyAgreement, Quality
 
-EVAL_TEXT = "eval-en.txt"  # moeprep/data/: original prose written for moeprep, MIT (see moeprep/data/README.md)
 QUALITY_CTX = 512  # tokens per chunk: llama-perplexity's default -c
 KLD_FLOOR = -16.0  # llama-perplexity keeps log-probabilities down to 16 nats below the top token's
-
-# The smoke prompt's neighbourhood and the demo tokenizer's training text; quality is measured on EVAL_TEXT.
-TEXT = """\
-The quick brown fox jumps over the lazy dog while the morning sun rises over the quiet valley.
-A mixture of experts routes every token to a few of many feed-forward networks, so a large model
-runs with the arithmetic of a small one. Each layer has a router that scores the experts and keeps
-the best two. The experts hold most of the weights, which is why moving them to system memory lets
-a model that is far larger than the graphics card still run at a useful speed.
-Quantization stores each weight in fewer bits. Eight bits keep almost everything, four bits keep
-most of it, and two bits lose a noticeable part of the model's knowledge. Careful measurement tells
-which files are worth publishing: the divergence of the next-token distribution from the full
-precision reference, the agreement of the most likely token, and the speed on real hardware.
-Rivers carry water from the mountains to the sea, and cities grow along their banks. Farmers plant
-wheat in autumn and harvest it in summer; bakers turn the flour into bread before dawn. Children
-learn to count, to read, and to ask why the sky is blue. Music, mathematics and language share a
-structure of patterns that repeat and change. Ships cross the ocean guided by stars and by maps.
-Numbers such as 1, 2, 3, 10, 42, 100 and 2026 appear in text as often as words like and, the, of.
-"""
-
-
-@dataclass(frozen=True)
-class EvalText:
-    """The text quality is measured on: its name, the sha256 of its file, and the bytes llama-perplexity reads."""
-
-    name: str
-    sha256: str
-    data: bytes  # as `llama-perplexity -f` reads the file: less one trailing newline
-
-
-def eval_text(path: Path | None = None) -> EvalText:
-    """moeprep's own evaluation text, or the text file at `path`."""
-    if path is None:
-        from importlib.resources import files
-
-        raw = (files("moeprep") / "data" / EVAL_TEXT).read_bytes()
-        name = EVAL_TEXT
-    else:
-        path = Path(path)
-        raw = read_text(path, MAX_EVAL_TEXT, "the evaluation text",
-                        "give a UTF-8 text file, or leave --quality-text out for moeprep's own").encode("utf-8")
-        name = path.name
-    return EvalText(name, hashlib.sha256(raw).hexdigest(), raw.removesuffix(b"\n"))
-
-
-@dataclass(frozen=True)
-class Chunking:
-    """How llama-perplexity cuts and batches the text for `-c ctx -b n_batch -ub n_ubatch`.
-
-    It decodes n_seq = max(1, n_batch / ctx) chunks at once, one sequence each, in a context of n_seq * ctx,
-    with n_batch capped at that context (so n_batch is a multiple of ctx, or less than it: then each chunk
-    takes several decodes). llama.cpp caps n_ubatch at n_batch.
-    """
-
-    ctx: int
-    n_seq: int
-    n_batch: int
-    n_ubatch: int
-
-    @property
-    def first(self) -> int:
-        return self.ctx // 2  # the first position scored
-
-    @property
-    def scored(self) -> int:
-        return self.ctx - 1 - self.first  # positions scored per chunk
-
-    @property
-    def n_ctx(self) -> int:
-        return self.n_seq * self.ctx
-
-
-def chunking(ctx: int, n_batch: int, n_ubatch: int) -> Chunking:
-    n_seq = max(1, n_batch // ctx)
-    batch = min(n_batch, n_seq * ctx)
-    return Chunking(ctx, n_seq, batch, min(n_ubatch, batch))
-
-
-def n_chunks(n_tokens: int, ctx: int, wanted: int, text: str) -> int:
-    """Chunks to score: all whole chunks (wanted = 0) or the first `wanted`; llama-perplexity needs two at least."""
-    if n_tokens < 2 * ctx:
-        raise MoeprepError(f"the evaluation text {text} is {n_tokens} tokens for this model; chunks of {ctx} tokens "
-                           f"need at least {2 * ctx}, as in llama-perplexity",
-                           "lower --quality-ctx, or give a longer --quality-text")
-    most = n_tokens // ctx
-    return most if wanted <= 0 else min(wanted, most)
 
 
 def _log_sum_exp(logits):
     """max and log(sum(exp(x - max))) per row, as llama-perplexity computes them: float exps, a double sum."""
-    import numpy as np
-
     top = logits.max(axis=1)
     total = np.exp(logits - top[:, None]).sum(axis=1, dtype=np.float64)
     return top, np.log(total).astype(np.float32)
@@ -125,8 +38,6 @@ def base_log_probs(logits):
     """The F16's log-probabilities at 16 bits, as llama-perplexity writes them to its --kl-divergence-base file:
     per row a scale and a floor (the top log-probability minus 16 nats at most), and each entry rounded to
     one of 65536 steps between them. Returns (scale, floor, steps, exact negative log-likelihood helper)."""
-    import numpy as np
-
     logits = np.asarray(logits, dtype=np.float32)
     top, lse = _log_sum_exp(logits)
     low = np.maximum(logits.min(axis=1), top - np.float32(16))
@@ -155,8 +66,6 @@ BLOCK = 32  # positions scored at once: a few [BLOCK, vocab] temporaries, even f
 def score(logits, next_tokens, scale, floor, steps, sums: _Sums) -> None:
     """One chunk's positions against the F16's stored log-probabilities: llama-perplexity's log_softmax() for
     --kl-divergence, vectorised. KL terms are summed where the F16's log-probability is above -16."""
-    import numpy as np
-
     logits = np.asarray(logits, dtype=np.float32)
     if not bool(np.isfinite(logits).all()):
         sums.finite = False
@@ -167,7 +76,6 @@ def score(logits, next_tokens, scale, floor, steps, sums: _Sums) -> None:
 
 
 def _score(logits, next_tokens, scale, floor, steps, sums: _Sums) -> None:
-    import numpy as np
 
     rows = np.arange(len(logits))
     top, lse = _log_sum_exp(logits)
@@ -185,8 +93,6 @@ def _score(logits, next_tokens, scale, floor, steps, sums: _Sums) -> None:
 
 def _mean_and_uncertainty(values) -> tuple[float, float]:
     """llama-perplexity's mean_and_uncertainty: the mean and its standard error (0 for 10 values or fewer)."""
-    import numpy as np
-
     n = len(values)
     mean = float(np.sum(values) / n)
     var = float(np.sum(np.square(values)) / n) - mean * mean
@@ -200,8 +106,6 @@ def _exp(x: float) -> float | None:
 
 def summarize(sums: _Sums) -> dict:
     """The figures llama-perplexity prints at the end of a --kl-divergence run."""
-    import numpy as np
-
     if not sums.finite:
         return {"finite": False}
     nll, kld = np.concatenate(sums.nll), np.concatenate(sums.kld)
@@ -245,9 +149,9 @@ class Reference:
     chunking: Chunking
     chunks: int
     n_vocab: int
-    scale: object  # numpy float32 [positions]
-    floor: object  # numpy float32 [positions]
-    steps: object  # numpy uint16 [positions, vocab], memory-mapped from a temporary file
+    scale: np.ndarray  # float32 [positions]
+    floor: np.ndarray  # float32 [positions]
+    steps: np.ndarray  # uint16 [positions, vocab], memory-mapped from a temporary file
     ppl: float | None  # the F16's perplexity from its own logits: llama-perplexity's "Final estimate: PPL"
     ppl_se: float | None
     own: Quality | None = None  # the F16 scored against its stored log-probabilities, from the same logits
@@ -272,10 +176,6 @@ def build_reference(path: str, sha256: str | None, text: EvalText, tokens: list[
                     n_chunk: int, n_vocab: int, chunk_logits) -> Reference:
     """Keep the F16's log-probabilities from `chunk_logits` (one [scored, vocab] array per chunk, in order)
     as llama-perplexity --kl-divergence-base does, with its perplexity and its own scores."""
-    import tempfile
-
-    import numpy as np
-
     positions = n_chunk * chunks.scored
     store = tempfile.TemporaryFile(prefix="moeprep-kld-base-")  # as large as llama-perplexity's base file
     steps = np.memmap(store, dtype=np.uint16, mode="w+", shape=(positions, n_vocab))
@@ -307,8 +207,6 @@ def build_reference(path: str, sha256: str | None, text: EvalText, tokens: list[
 
 def compare(reference: Reference, chunk_logits) -> Quality:
     """A file's logits over the reference's chunks, scored against the F16's stored log-probabilities."""
-    import numpy as np
-
     sums = _Sums()
     for i, logits in enumerate(chunk_logits):
         rows = reference.rows(i)
@@ -324,7 +222,7 @@ def degenerate(tokens: list[int]) -> bool:
     if len(tokens) < 8:
         return False
     longest = run = 1
-    for a, b in zip(tokens, tokens[1:]):
+    for a, b in zip(tokens, tokens[1:], strict=False):
         run = run + 1 if a == b else 1
         longest = max(longest, run)
     return longest * 2 >= len(tokens)
@@ -342,8 +240,8 @@ def degenerates_alone(candidate: list[int], reference: list[int]) -> bool:
 
 def greedy_agreement(a: list[int], b: list[int], between: list[str]) -> GreedyAgreement:
     n = min(len(a), len(b))
-    same = sum(x == y for x, y in zip(a, b))
-    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    same = sum(x == y for x, y in zip(a, b, strict=False))
+    first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
     return GreedyAgreement(between, n, same / n if n else None, a == b, first)
 
 

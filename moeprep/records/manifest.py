@@ -11,16 +11,16 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path, PurePosixPath
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, TypeAdapter, ValidationError
 
 from moeprep.errors import MoeprepError
 from moeprep.files import write_json
-from moeprep.ggufio.probe import ProbeReport
+from moeprep.records.probe import ProbeReport
 from moeprep.records.results import FileResult, PlanRecord, SmokeReport
 
 FORMAT = "moeprep.manifest/2"
@@ -88,6 +88,16 @@ class Source:
         return hashlib.sha256(lines.encode()).hexdigest()
 
 
+
+class UploadFile(NamedTuple):
+    """One file of an artifact as a repo holds it: the whole file, or one shard."""
+
+    path: str
+    size: int
+    sha256: str
+    label: str  # as the card's Files table names it: "Q4_K_M (imatrix) (1/3)"
+
+
 @dataclass
 class ArtifactSettings:
     """What, besides its input, decides an artifact's bytes: a change means it must be made again."""
@@ -123,15 +133,15 @@ class Artifact:
     plans: list[PlanRecord] = field(default_factory=list)  # llama.cpp's sizings of it, one per context (plan.py)
     mtime_ns: int | None = None  # the file's modification time when recorded: unchanged size and time, unchanged bytes
 
-    def upload_files(self) -> list[tuple[str, int, str, str]]:
-        """(path, size, sha256, label) of every file this artifact is uploaded as."""
+    def upload_files(self) -> list[UploadFile]:
+        """Every file this artifact is uploaded as: the file, or each of its shards."""
         label = self.quant + (" (imatrix)" if self.settings.imatrix else "")
         if self.settings.tensor_types and not self.settings.mix:  # a plain quant name would hide the rules
             label += " (custom tensor types)"
         if self.shards:
             n = len(self.shards)
-            return [(s.path, s.size, s.sha256, f"{label} ({i}/{n})") for i, s in enumerate(self.shards, 1)]
-        return [(self.path, self.size, self.sha256, label)]
+            return [UploadFile(s.path, s.size, s.sha256, f"{label} ({i}/{n})") for i, s in enumerate(self.shards, 1)]
+        return [UploadFile(self.path, self.size, self.sha256, label)]
 
 
 @dataclass
@@ -227,8 +237,6 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: object) -> Manifest:
-        from pydantic import ValidationError
-
         if not isinstance(data, dict):
             raise MoeprepError(f"a manifest must be a JSON object, not {type(data).__name__}",
                                "convert again into a fresh directory")
@@ -254,8 +262,6 @@ class Manifest:
 
 @cache
 def _adapter():
-    from pydantic import TypeAdapter
-
     return TypeAdapter(Manifest)
 
 
@@ -337,5 +343,5 @@ def save(directory: Path, manifest: Manifest) -> None:
             old = None
         if isinstance(old, dict) and {**old, "updated": ""} == {**data, "updated": ""}:
             return
-    manifest.updated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest.updated = datetime.now(UTC).isoformat(timespec="seconds")
     write_json(path, {**data, "updated": manifest.updated})

@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from enum import StrEnum
+from typing import Generic, TypeVar
 
 Status = Callable[[str], None]  # one line of what is happening, for humans; stages never print
 
@@ -15,13 +17,35 @@ def quiet(line: str) -> None:
     """The default Status: say nothing."""
 
 
+class Stage(StrEnum):
+    """Every stage, in the order a release runs them (release/pipeline.py), named as --json reports them."""
+
+    DOWNLOAD = "download"
+    CONVERT = "convert"
+    PROBE = "probe"
+    IMATRIX = "imatrix"
+    QUANTIZE = "quantize"
+    PLAN = "plan"
+    QUALITY = "quality"
+    SPLIT = "split"
+    STAGE = "stage"
+    SMOKE = "smoke"
+    CARD = "card"
+    PROMOTE = "promote"
+    PUSH = "push"
+    PULL = "pull"
+
+
+T = TypeVar("T")
+
+
 @dataclass
-class Outcome:
-    stage: str
+class Outcome(Generic[T]):
+    stage: Stage
     made: list[str] = field(default_factory=list)  # files (or records) this run wrote
     kept: list[str] = field(default_factory=list)  # already up to date, left as they were
     notes: list[str] = field(default_factory=list)  # what the user should know: one line each
-    result: Any = None  # the stage's typed record (a SmokeReport, a PushResult, ...), for output
+    result: T | None = None  # the stage's typed record (a SmokeReport, a PushResult, ...), for output
 
     @property
     def files(self) -> list[str]:

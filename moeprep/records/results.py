@@ -10,6 +10,11 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BeforeValidator
+
+from moeprep.placement import CPU_MOE, GPU, Placement
 
 NOT_MEASURED = "not measured"
 
@@ -23,8 +28,12 @@ class FlashAttn(StrEnum):
     OFF = "off"
 
     @classmethod
-    def parse(cls, text: str) -> FlashAttn:
-        return cls({"enabled": "on", "disabled": "off"}.get(text, text))
+    def parse(cls, text: str | FlashAttn) -> FlashAttn:
+        return cls({"enabled": "on", "disabled": "off"}.get(str(text), str(text)))
+
+
+# How records hold it: either spelling is read (manifests written before it was typed hold llama.cpp's), one written.
+FlashAttnField = Annotated[FlashAttn, BeforeValidator(FlashAttn.parse)]
 
 
 @dataclass
@@ -39,7 +48,7 @@ class Statistic:
         clean = [v for v in values if v is not None and math.isfinite(v)]
         if not clean:
             return cls(None, None, 0, list(values))
-        return cls(statistics.fmean(clean), statistics.stdev(clean) if len(clean) > 1 else 0.0, len(clean), clean)
+        return cls(statistics.fmean(clean), statistics.stdev(clean) if len(clean) > 1 else 0.0, len(clean), list[float | None](clean))
 
     @property
     def measured(self) -> bool:
@@ -95,7 +104,7 @@ class Tokens:
 
 @dataclass
 class PlacementResult:
-    placement: str
+    placement: Placement
     patterns: list[str]
     overridden: list[Override]
     overrides_match_probe: bool
@@ -230,21 +239,24 @@ class Runtime:
     n_ctx: int | None = None
     n_batch: int | None = None
     n_ubatch: int | None = None
-    flash_attn: str | None = None  # the setting as llama.cpp logs it: auto, enabled, disabled
+    flash_attn: FlashAttnField | None = None  # the setting llama.cpp logged
     flash_attn_used: bool | None = None  # what ran: `auto` as llama.cpp resolved it, on and off as asked
     n_seq_max: int | None = None  # sequences the context holds (llama-server: 4 slots)
     kv_unified: bool | None = None
+
+    def __post_init__(self) -> None:  # llama.cpp's log spells it enabled/disabled: one spelling from here on
+        if self.flash_attn is not None:
+            self.flash_attn = FlashAttn.parse(self.flash_attn)
 
     @property
     def flash_attn_ran(self) -> FlashAttn | None:
         """On or off as it ran: `auto` as llama.cpp resolved it (None where that was not logged), on and off as asked."""
         if self.flash_attn_used is not None:
             return FlashAttn.ON if self.flash_attn_used else FlashAttn.OFF
-        asked = FlashAttn.parse(self.flash_attn) if self.flash_attn else None
-        return asked if asked is not FlashAttn.AUTO else None
+        return self.flash_attn if self.flash_attn is not FlashAttn.AUTO else None
 
     def text(self) -> str:
-        asked = FlashAttn.parse(self.flash_attn) if self.flash_attn else None
+        asked = self.flash_attn
         ran = self.flash_attn_ran
         if asked is FlashAttn.AUTO:
             fa = f"auto, which llama.cpp resolved to {ran}" if ran else "auto (its resolution was not logged)"
@@ -266,7 +278,7 @@ class SmokeSettings:
     ctx: int = 512
     new_tokens: int = 32
     threads: int | None = None  # None: llama.cpp's default, one per physical core
-    flash_attn: str = "auto"
+    flash_attn: FlashAttnField = FlashAttn.AUTO
     n_batch: int = 2048
     n_ubatch: int = 512
     prompt: str = "A mixture of experts routes every token to a few of many feed-forward networks, so"
@@ -275,7 +287,26 @@ class SmokeSettings:
     quality_text_sha256: str = ""
     quality_ctx: int = 512  # tokens per chunk, llama-perplexity's -c
     quality_chunks: int = 0  # chunks scored; 0: every whole chunk of the text
-    placements: list[str] = field(default_factory=lambda: ["gpu", "cpu-moe"])
+    placements: list[Placement] = field(default_factory=lambda: [GPU, CPU_MOE])
+
+    def __post_init__(self) -> None:  # as given on a command line or in a recipe: parsed once, here
+        self.flash_attn = FlashAttn.parse(self.flash_attn)
+        self.placements = [Placement(p) for p in self.placements]
+
+    def request_key(self) -> tuple:
+        """What a smoke was asked to measure. Threads are left out: they follow the runner (one per physical core),
+        and the machine is compared on its own (Hardware.machine)."""
+        return (self.runs, self.ctx, self.new_tokens, FlashAttn.parse(self.flash_attn), self.n_batch, self.n_ubatch,
+                self.prompt, self.warmup_runs, tuple(self.placements))
+
+    def quality_key(self) -> tuple:
+        """What decides a quality figure: the text by its bytes, its chunking and batches, and the greedy prompt."""
+        return (self.quality_text_sha256, self.quality_ctx, self.quality_chunks, self.n_batch, self.n_ubatch,
+                self.prompt, self.new_tokens)
+
+    def key(self) -> tuple:
+        """Everything that shapes a local smoke's figures: the request, the quality method and the threads."""
+        return (*self.request_key(), *self.quality_key(), self.threads)
 
 
 @dataclass
@@ -298,7 +329,7 @@ class SmokeReport:
 
     def merged_into(self, old: SmokeReport | None) -> SmokeReport:
         """A smoke of one file updates that file's entry and keeps the others' (measured the same way)."""
-        if old is None or old.settings != self.settings or old.machine() != self.machine():
+        if old is None or old.settings.key() != self.settings.key() or old.machine() != self.machine():
             return self
         return SmokeReport(**{**vars(self), "artifacts": {**old.artifacts, **self.artifacts}})
 
@@ -308,7 +339,7 @@ class Simulation:
     """One context llama.cpp sized with nothing allocated (model param no_alloc), as it logged it."""
 
     device: str  # whose compute buffer stands for the GPU's: "CUDA0", ..., or "CPU" on a build without a GPU
-    placement: str | None  # simulated with this placement's overrides; None: one run for every placement
+    placement: Placement | None  # simulated with this placement's overrides; None: one run for every placement
     flash_attn: FlashAttn  # on or off, as llama.cpp applied it
     n_ctx: int  # as llama.cpp applied them (n_ctx rounded up, n_batch and n_ubatch clamped)
     n_batch: int

@@ -1,7 +1,7 @@
 """Capacity: what each job of a staged release moves, stores and takes, estimated from the recipe.
 
 Every figure here is an estimate, and says from what: the source size the recipe states (`source.size`,
-the Hub's listed total), bits per weight per quant type (quantize.planned_size, with its 10 % margin), and
+the Hub's listed total), bits per weight per quant type (quants.planned_size, with its 10 % margin, via the recipe's QuantPlan), and
 throughputs. The CPU throughputs were measured by `scripts/bench-throughput` on the machine named in
 MEASURED_ON; network rates are assumptions, named as such. GPU work is not estimated: no figure for it was
 measured on the runners this plan is for.
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from moeprep.release.recipe import Recipe
+from moeprep.release.staging import smoked_labels
 
 # scripts/bench-throughput on 2026-11-26: "Intel(R) Xeon(R) Processor", 2 physical cores, shared with a compile and
 # other tests (load average 6.5), so these are slow; NOTES.md's unloaded figures on the same kind of machine are
@@ -53,14 +54,12 @@ class Job:
 
 def files(r: Recipe) -> dict[str, int] | None:
     """Estimated bytes of every file prepare makes, from the source size; None when the recipe states none."""
-    from moeprep.stages.quantize import planned_size
-
     size = r.source.size_bytes
     if size is None:
         return None
-    f16 = size * (2 if r.outtype == "f32" else 1)  # a 16-bit source: the F16/BF16 GGUF is about as large
-    n_params = size // 2
-    return {r.outtype.upper(): f16, **{q: planned_size(n_params, q) for q in [*r.quants, *r.mix]}}
+    plan = r.quant_plan
+    by_file = plan.sizes(size // 2)  # a 16-bit source: the F16/BF16 GGUF is about as large
+    return {r.outtype.upper(): by_file[plan.base], **{t.label: by_file[plan.path(t)] for t in plan.targets}}
 
 
 def active_params(r: Recipe) -> float:
@@ -77,15 +76,13 @@ def eval_tokens(r: Recipe) -> int:
 
 
 def jobs(r: Recipe) -> list[Job]:
-    from moeprep.release.staging import smoked_labels
-
     sizes = files(r)
     basis = [f"source {r.source.size or 'size not stated in the recipe'}; quant sizes from bits per weight + 10 %"]
     if sizes is None:
         return ([Job("prepare", None, None, None, None, None, ["self-hosted", "cpu", "large-disk"], basis)]
                 + [Job("smoke", q, None, 0, None, None, ["self-hosted", "gpu"], basis) for q in smoked_labels(r)]
                 + [Job("publish", None, None, 0, None, None, "ubuntu-latest", basis)])
-    source = r.source.size_bytes
+    source = r.source.size_bytes or 0  # sizes are known only where the source size is
     f16 = sizes[r.outtype.upper()]
     made = sum(sizes.values())
     split = sum(v for v in sizes.values() if v > r.hub.max_shard_bytes)  # shards are a second copy on disk

@@ -10,28 +10,29 @@ object it already holds by sha256, and no byte is uploaded again.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
+from moeprep.card.lint import lint
+from moeprep.card.render import PLOT
 from moeprep.errors import IntegrityError, MoeprepError
 from moeprep.files import write_json
-from moeprep.hub import errors as hub
+from moeprep.hub.repo import HubRepo, Want, plan_commit, token_check
 from moeprep.records import manifest as mf
-from moeprep.records.outcome import Outcome, Status, quiet
+from moeprep.records.outcome import Outcome, Stage, Status, quiet
 from moeprep.records.results import SmokeReport
 from moeprep.release.recipe import Recipe
 from moeprep.release.staging import (
     Staged,
-    blob_ids,
     check_layout,
     current_result,
     read,
-    read_json,
     same_manifest,
     smoke_settings,
     smoked_labels,
 )
 from moeprep.shell import hint
+from moeprep.stages import card as card_stage
 from moeprep.stages import quality as kld
 
 
@@ -42,6 +43,8 @@ def merge(staged: Staged, r: Recipe) -> mf.Manifest:
     """
     m, q = staged.manifest, staged.quality
     where = f"{staged.repo_id}@{staged.branch}"
+    if m is None:
+        raise MoeprepError(f"{where} holds no manifest", f"run {hint('moeprep', 'release', r.path, '--stages', 'prepare')}")
     settings = smoke_settings(r)
     labels = smoked_labels(r)
     if missing := [x for x in labels if current_result(staged, x, settings) is None]:
@@ -51,7 +54,7 @@ def merge(staged: Staged, r: Recipe) -> mf.Manifest:
     machines = {rep.machine() for rep in reports}
     if len(machines) > 1:
         by = ", ".join(f"{x}: {rep.hardware.cpu}" + "".join(f" + {g.name}" for g in rep.hardware.gpus)
-                       for x, rep in zip(labels, reports))
+                       for x, rep in zip(labels, reports, strict=True))
         raise MoeprepError(f"{where}: the smoke results were measured on different machines ({by}); one card states one",
                            "give the smoke jobs one kind of runner (a runs-on label) and run them again")
     if q is None:
@@ -60,8 +63,11 @@ def merge(staged: Staged, r: Recipe) -> mf.Manifest:
     merged = SmokeReport(measured_at=latest.measured_at, backend=latest.backend, nvml=latest.nvml,
                          hardware=latest.hardware, tools=latest.tools, settings=latest.settings,
                          methods={**latest.methods, "kld": q.method})
-    for label, rep in zip(labels, reports):
+    for label, rep in zip(labels, reports, strict=True):
         a = m.artifact(label)
+        if a is None:
+            raise MoeprepError(f"{where}: the manifest lists no {label}",
+                               f"run {hint('moeprep', 'release', r.path, '--stages', 'prepare')} again")
         result = rep.artifacts[a.path]
         entry = q.current(a)
         if entry is None:
@@ -80,9 +86,6 @@ def merge(staged: Staged, r: Recipe) -> mf.Manifest:
 def publish_card(out: Path, r: Recipe, *, status: Status = quiet) -> tuple[Outcome, Staged]:
     """Merge the staged results into the manifest in `out` and render the card there; nothing is uploaded. The card
     needs no GGUF: every figure it shows, the plans too, is in the manifest prepare staged."""
-    from moeprep.release.run import card_options
-    from moeprep.stages import card as card_stage
-
     check_layout(r)
     out = Path(out)
     staged = read(r, results=True)
@@ -90,36 +93,25 @@ def publish_card(out: Path, r: Recipe, *, status: Status = quiet) -> tuple[Outco
         raise MoeprepError(f"{r.hub.repo_id}@{r.hub.staging} holds nothing to publish",
                            f"run {hint('moeprep', 'release', r.path, '--stages', 'prepare')} first")
     m = merge(staged, r)
-    options = card_options(r)
-    options.max_shard = None  # prepare split what was too large; the manifest lists the shards
+    options = r.card_options()
     options.files_here = False  # the files are on the staging branch, each checked against the manifest there
     m.card = card_stage.card_record(m, options)  # as the card stage will record it: a rerun compares equal
     data = m.to_dict()
-    main = _main_manifest(r.hub.repo_id)
-    same = main is not None and same_manifest(main, data)
-    data["updated"] = main["updated"] if same else datetime.now(timezone.utc).isoformat(timespec="seconds")
+    main_repo = HubRepo(r.hub.repo_id, "main")
+    published = main_repo.files()
+    main = main_repo.read_json(mf.FILENAME) if mf.FILENAME in published else None
+    main = main if isinstance(main, dict) else None
+    unchanged = main is not None and same_manifest(main, data)
+    data["updated"] = main["updated"] if main is not None and unchanged else datetime.now(UTC).isoformat(timespec="seconds")
     out.mkdir(parents=True, exist_ok=True)
     write_json(mf.path_in(out), data, root=out)
     outcome = card_stage.write(out, options, status=status)
-    from moeprep.stages.push import remote_files
 
-    published = remote_files(r.hub.repo_id, "main")  # the card is work only where it differs from main's
-    same = [n for n in outcome.made if published.get(n) in blob_ids((out / n).read_bytes())]
+    # the card is work only where it differs from main's
+    _, same = plan_commit([Want(n, local=(out / n).read_bytes()) for n in outcome.made], published)
     outcome.made = [n for n in outcome.made if n not in same]
     outcome.kept += same
     return outcome, staged
-
-
-def _main_manifest(repo_id: str) -> dict | None:
-    from huggingface_hub import HfApi
-
-    try:
-        if mf.FILENAME not in {f.path for f in HfApi().list_repo_tree(repo_id, revision="main")}:
-            return None
-    except Exception:
-        return None  # no repo or no main yet: nothing to compare with
-    data = read_json(repo_id, mf.FILENAME, "main")
-    return data if isinstance(data, dict) else None
 
 
 def promote(out: Path, r: Recipe, staged: Staged | None = None, *, status: Status = quiet) -> Outcome:
@@ -128,12 +120,6 @@ def promote(out: Path, r: Recipe, staged: Staged | None = None, *, status: Statu
     The card is linted against the manifest, and every file the manifest lists must be on the staging
     commit with its sha256, before anything is committed. With nothing changed, no commit is made.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationCopy
-
-    from moeprep.card.lint import lint
-    from moeprep.card.render import PLOT
-    from moeprep.stages.push import commit, remote_files, token_check
-
     check_layout(r)
     out = Path(out)
     staged = staged or read(r)
@@ -146,33 +132,22 @@ def promote(out: Path, r: Recipe, staged: Staged | None = None, *, status: Statu
     if problems := lint(card, m, check_files=False):
         raise MoeprepError(f"card lint failed for {card} ({len(problems)} problems; first: {problems[0]})",
                            "nothing was promoted")
-    for a in m.artifacts:
-        for path, _, sha, _ in a.upload_files():
-            if not staged.holds(path, sha):
-                raise IntegrityError(f"{staged.repo_id}@{staged.branch} (commit {staged.commit[:12]}) does not hold "
-                                     f"{path} with the sha256 the manifest lists", "run the release's prepare job again")
+    files = [f for a in m.artifacts for f in a.upload_files()]
+    for f in files:
+        if not staged.holds(f.path, f.sha256):
+            raise IntegrityError(f"{staged.repo_id}@{staged.branch} (commit {staged.commit[:12]}) does not hold "
+                                 f"{f.path} with the sha256 the manifest lists", "run the release's prepare job again")
     token_check()
-    main = remote_files(r.hub.repo_id, "main")
-    outcome = Outcome("promote")
-    ops = []
-    for a in m.artifacts:
-        for path, _, sha, _ in a.upload_files():
-            if main.get(path) == sha:
-                outcome.kept.append(path)
-            else:
-                ops.append(CommitOperationCopy(src_path_in_repo=path, path_in_repo=path, src_revision=staged.commit))
-    for name in ("README.md", PLOT, mf.FILENAME):
-        if not (out / name).is_file():
-            continue
-        data = (out / name).read_bytes()
-        if main.get(name) in blob_ids(data):
-            outcome.kept.append(name)
-        else:
-            ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=data))
-    if ops:
+    main = HubRepo(r.hub.repo_id, "main")
+    wanted = [Want(f.path, f.sha256, copy_from=staged.commit) for f in files]
+    wanted += [Want(name, local=(out / name).read_bytes()) for name in ("README.md", PLOT, mf.FILENAME)
+               if (out / name).is_file()]
+    todo, kept = plan_commit(wanted, main.files())
+    outcome: Outcome[None] = Outcome(Stage.PROMOTE, kept=kept)
+    if todo:
         status(f"{r.hub.repo_id}: promoting {r.hub.staging}@{staged.commit[:12]} to main in one commit")
-        sha = commit(r.hub.repo_id, ops, f"moeprep: {m.model} GGUF ({', '.join(a.quant for a in m.artifacts)}) "
-                                         f"from {r.hub.staging}@{staged.commit[:12]}")
-        outcome.made = [op.path_in_repo for op in ops]
-        outcome.notes.append(f"{hub.url(r.hub.repo_id)} is now at commit {sha}")
+        sha = main.commit(todo, f"moeprep: {m.model} GGUF ({', '.join(a.quant for a in m.artifacts)}) "
+                                f"from {r.hub.staging}@{staged.commit[:12]}")
+        outcome.made = [w.path_in_repo for w in todo]
+        outcome.notes.append(f"{main.url()} is now at commit {sha}")
     return outcome

@@ -23,11 +23,13 @@ from pydantic import (
     model_validator,
 )
 
-from moeprep import placement
+from moeprep import placement, quants
 from moeprep.errors import MoeprepError
 from moeprep.hub import errors as hub_ids
 from moeprep.inputs import KIB, load_yaml, read_text, short
 from moeprep.limits import MAX_CHUNKS, MAX_CTX, MAX_RUNS, MAX_TOKENS
+from moeprep.quants import MIXES, ImatrixSpec, QuantPlan, check_types, get, parse
+from moeprep.stages.card import CardOptions
 from moeprep.units import parse_size
 
 FIX = "fix the recipe"
@@ -56,24 +58,18 @@ def _size(value):
 
 
 def _quants(names: list[str]) -> list[str]:
-    from moeprep.stages.quantize import (
-        check_types,  # loads libllama for its list of file types, so only when needed
-    )
     return check_types(names, allow_imatrix=True)
 
 
 def _mixes(names: list[str]) -> list[str]:
-    from moeprep.mixes import get
     return list(dict.fromkeys(get(n).name for n in names))
 
 
 def _quants_or_mixes(names: list[str]) -> list[str]:
-    from moeprep.mixes import MIXES
     return [_mixes([n])[0] if n.lower() in MIXES else _quants([n])[0] for n in names]
 
 
 def _rules(texts: list[str]) -> list[str]:
-    from moeprep.mixes import parse
     return [str(parse(t)) for t in texts]
 
 
@@ -174,6 +170,7 @@ class Recipe(Section):
     card: Card = Field(default_factory=Card)
     expect: Expect = Field(default_factory=Expect)
     _path: Path | None = PrivateAttr(None)  # where it was read from; private, so `path:` in YAML is unknown
+    _plan: QuantPlan | None = PrivateAttr(None)
 
     @property
     def path(self) -> Path | None:
@@ -182,25 +179,38 @@ class Recipe(Section):
     def relative(self, name: str) -> Path:
         return (self.path.parent if self.path else Path(".")) / name
 
+    @property
+    def quant_plan(self) -> QuantPlan:
+        """What the release makes, decided by quants.plan as every other run decides it (checked as the recipe
+        loads)."""
+        assert self._plan is not None
+        return self._plan
+
+    def card_options(self) -> CardOptions:
+        return CardOptions(repo_id=self.hub.repo_id, layout=self.hub.layout, quantized_by=self.card.quantized_by,
+                           base_model=self.card.base_model,
+                           template=self.relative(self.card.template) if self.card.template else None)
+
     @model_validator(mode="after")
-    def _check_imatrix(self, info: ValidationInfo) -> Recipe:
-        from moeprep.mixes import targets
+    def _check_plan(self, info: ValidationInfo) -> Recipe:
         self._path = (info.context or {}).get("path")  # set first: the calibration text is relative to it
-        covered = self.imatrix.quants if self.imatrix else []
-        try:
-            made = targets(self.quants, self.mix, self.tensor_types)
-        except MoeprepError as e:
-            raise _Invalid(e.message, e.hint, key="tensor_types") from None
-        if missing := [t.label for t in made if t.needs_imatrix and t.label not in covered]:
-            raise _Invalid(f"{', '.join(missing)} need an importance matrix",
-                           "add an imatrix section that lists them, or choose other quants",
-                           key="quants" if missing[0] in self.quants else "mix")
+        spec = None
         if self.imatrix:
-            if stray := [q for q in self.imatrix.quants if q not in self.quants + self.mix]:
-                raise _Invalid(f"names {', '.join(stray)}, which quants does not list",
-                               "list every imatrix quant under quants too", key="imatrix.quants")
             if not (text := self.relative(self.imatrix.calibration)).is_file():
                 raise _Invalid(f"{text} not found", "give a text file relative to the recipe", key="imatrix.calibration")
+            spec = ImatrixSpec(tuple(self.imatrix.quants), text, ctx=self.imatrix.ctx, chunks=self.imatrix.chunks)
+        try:
+            self._plan = quants.plan(self.name, self.quants, self.mix, self.tensor_types, outtype=self.outtype,
+                                     imatrix=spec)
+        except quants.NeedsImatrix as e:
+            raise _Invalid(f"{', '.join(e.labels)} need an importance matrix",
+                           "add an imatrix section that lists them, or choose other quants",
+                           key="quants" if e.labels[0] in self.quants else "mix") from None
+        except quants.NotMade as e:
+            raise _Invalid(f"names {', '.join(e.labels)}, which quants does not list",
+                           "list every imatrix quant under quants too", key="imatrix.quants") from None
+        except MoeprepError as e:
+            raise _Invalid(e.message, e.hint, key="tensor_types") from None
         return self
 
 
@@ -232,8 +242,8 @@ def _error(path: Path, e: ValidationError) -> MoeprepError:
         return MoeprepError(f"{path}: {ctx['error'].key or key}: {ctx['error'].message}", ctx["error"].hint)
     where = f"{path}: {loc[0]}: " if len(loc) > 1 else f"{path}: "  # sections are one level deep
     if kind in ("extra_forbidden", "invalid_key"):  # invalid_key: YAML read `1:` or `yes:` as a number or bool
-        section = Recipe.model_fields[loc[0]].annotation if len(loc) > 1 else Recipe
-        known = next(k for k in get_args(section) or [section] if k is not type(None)).model_fields
+        section = Recipe.model_fields[str(loc[0])].annotation if len(loc) > 1 else Recipe
+        known = next(k for k in get_args(section) or [section] if k is not type(None)).model_fields  # type: ignore[union-attr]
         return MoeprepError(f"{where}unknown key {short(loc[-1])}", f"known keys: {', '.join(sorted(known))}")
     if kind == "missing":
         return MoeprepError(f"{where}missing key {loc[-1]!r}", "add it to the recipe")

@@ -16,18 +16,24 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 
+from pydantic import TypeAdapter, ValidationError
+
 from moeprep.errors import MoeprepError
-from moeprep.hub import errors as hub
+from moeprep.hub.repo import HubRepo, Want, plan_commit, token_check
+from moeprep.placement import Placement
 from moeprep.records import manifest as mf
-from moeprep.records.outcome import Outcome, Status, quiet
+from moeprep.records.outcome import Outcome, Stage, Status, quiet
 from moeprep.records.results import SmokeReport, SmokeSettings
 from moeprep.release.recipe import Recipe
 from moeprep.shell import hint
+from moeprep.stages import measure
 from moeprep.stages import quality as kld
+from moeprep.stages import smoke as smoke_stage
+from moeprep.stages.pull import pull
 
 SMOKE_DIR = "smoke"
 
@@ -44,20 +50,12 @@ def smoked_labels(r: Recipe) -> list[str]:
 
 def smoke_settings(r: Recipe) -> SmokeSettings:
     s = r.smoke
-    return SmokeSettings(runs=s.runs, ctx=s.ctx, new_tokens=s.tokens, placements=list(s.placements),
+    return SmokeSettings(runs=s.runs, ctx=s.ctx, new_tokens=s.tokens, placements=[Placement(p) for p in s.placements],
                          quality_chunks=s.quality_chunks)
-
-
-def _same_request(a: SmokeSettings, b: SmokeSettings) -> bool:
-    """A recorded smoke answers the recipe when it measured what the recipe asks (threads follow the runner)."""
-    keys = ("runs", "ctx", "new_tokens", "placements", "flash_attn", "n_batch", "n_ubatch", "prompt", "warmup_runs")
-    return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
 @cache
 def _report_adapter():
-    from pydantic import TypeAdapter
-
     return TypeAdapter(SmokeReport)
 
 
@@ -85,67 +83,33 @@ class Staged:
         return self.files.get(path) == sha256
 
 
-def download(repo_id: str, path: str, revision: str) -> Path:
-    from huggingface_hub import hf_hub_download
-
-    from moeprep import progress
-
-    if progress.is_disabled():
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-    try:
-        return Path(hf_hub_download(repo_id, path, revision=revision))
-    except Exception as e:
-        raise hub.error(e, repo_id, revision=revision) from e
-
-
-def read_json(repo_id: str, path: str, revision: str) -> object:
-    local = download(repo_id, path, revision)
-    if local.stat().st_size > mf.MAX_BYTES:
-        raise MoeprepError(f"{repo_id}@{revision}: {path} is larger than {mf.MAX_BYTES // 2**20} MiB, so moeprep did "
-                           "not write it", "run the job that wrote it again")
-    try:
-        return json.loads(local.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoeprepError(f"{repo_id}@{revision}: {path} is not JSON ({e})", "run the job that wrote it again") from e
-
-
 def read(r: Recipe, *, results: bool = False) -> Staged | None:
     """The staging branch's head: its file list, manifest and quality record (and with `results`, every
     smoke result). None when the branch (or the repo) does not exist yet."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
     repo_id, branch = r.hub.repo_id, r.hub.staging
-    try:
-        info = HfApi().repo_info(repo_id, revision=branch)
-        tree = HfApi().list_repo_tree(repo_id, recursive=True, revision=info.sha)
-        files = {f.path: (f.lfs.sha256 if f.lfs else f.blob_id) for f in tree if hasattr(f, "blob_id")}
-    except (RepositoryNotFoundError, RevisionNotFoundError):
+    commit = HubRepo(repo_id, branch).commit_sha()
+    if commit is None:
         return None
-    except Exception as e:
-        raise hub.error(e, repo_id, revision=branch) from e
-    staged = Staged(repo_id, branch, info.sha, files)
+    at = HubRepo(repo_id, commit)  # every read from the one commit, however the branch moves meanwhile
+    staged = Staged(repo_id, branch, commit, at.files())
     where = f"{repo_id}@{branch}"
-    if mf.FILENAME in files:
+    if mf.FILENAME in staged.files:
+        data = at.read_json(mf.FILENAME)
         try:
-            staged.manifest = mf.Manifest.from_dict(read_json(repo_id, mf.FILENAME, info.sha))
+            staged.manifest = mf.Manifest.from_dict(data)
         except MoeprepError as e:
             raise MoeprepError(f"{where}: manifest.json: {e.message}", "run the release's prepare job again") from e
-    if kld.FILENAME in files:
-        staged.quality = kld.parse(read_json(repo_id, kld.FILENAME, info.sha), f"{where}: {kld.FILENAME}")
+    if kld.FILENAME in staged.files:
+        staged.quality = kld.parse(at.read_json(kld.FILENAME), f"{where}: {kld.FILENAME}")
     if results:
-        for path in sorted(p for p in files if p.startswith(SMOKE_DIR + "/") and p.endswith(".json")):
-            staged.smoke[path[len(SMOKE_DIR) + 1:-5]] = _smoke_report(repo_id, path, info.sha, where)
+        for path in sorted(p for p in staged.files if p.startswith(SMOKE_DIR + "/") and p.endswith(".json")):
+            staged.smoke[path[len(SMOKE_DIR) + 1:-5]] = _smoke_report(at, path, where)
     return staged
 
 
-def _smoke_report(repo_id: str, path: str, revision: str, where: str) -> SmokeReport:
-    from pydantic import ValidationError
-
+def _smoke_report(at: HubRepo, path: str, where: str) -> SmokeReport:
     try:
-        return _report_adapter().validate_python(read_json(repo_id, path, revision))
+        return _report_adapter().validate_python(at.read_json(path))
     except ValidationError as e:
         raise MoeprepError(f"{where}: {path} is not a smoke report ({e.errors()[0]['msg']})",
                            "run that smoke job again") from e
@@ -155,7 +119,7 @@ def current_result(staged: Staged, label: str, settings: SmokeSettings) -> Smoke
     """The staged smoke of exactly the staged bytes of `label`, with the settings asked for."""
     a = staged.manifest.artifact(label) if staged.manifest else None
     report = staged.smoke.get(label)
-    if a is None or report is None or not _same_request(report.settings, settings):
+    if a is None or report is None or report.settings.request_key() != settings.request_key():
         return None
     entry = report.artifacts.get(a.path)
     return report if entry is not None and entry.sha256 == a.sha256 and entry.ok else None
@@ -163,57 +127,40 @@ def current_result(staged: Staged, label: str, settings: SmokeSettings) -> Smoke
 
 # --- prepare: stage ------------------------------------------------------------------------------------------
 
-def blob_ids(data: bytes) -> set[str]:
-    """The ids the Hub may list a small file under: its git blob id, or its sha256 when it stored it in LFS."""
-    return {hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(), hashlib.sha256(data).hexdigest()}
-
-
 def stage(out: Path, r: Recipe, *, status: Status = quiet) -> Outcome:
     """Push the prepared directory to the staging branch: GGUFs or shards, the manifest, the quality record."""
-    from huggingface_hub import CommitOperationAdd
-
-    from moeprep.stages.push import commit, remote_files, token_check
-    from moeprep.stages.split import shard_artifacts
-
     check_layout(r)
     out = Path(out)
     m = mf.load(out)
     record = kld.load(out)
     if record is None:
         raise MoeprepError(f"no {kld.FILENAME} in {out}", "run the quality stage first (it is part of prepare)")
+    if unsplit := [a.path for a in m.artifacts if a.size > r.hub.max_shard_bytes and not a.shards]:
+        raise MoeprepError(f"{unsplit[0]} is larger than hub.max_shard ({r.hub.max_shard}) and not split",
+                           f"run {hint('moeprep', 'release', r.path, '--stages', 'split,stage')}")
     token_check()
-    outcome = Outcome("stage", notes=shard_artifacts(out, m, r.hub.max_shard_bytes, status=status))
-    m = mf.load(out)  # splitting recorded shards
-    remote = remote_files(r.hub.repo_id, r.hub.staging)
-    ops, sizes = [], {}
-    for a in m.artifacts:
-        for path, size, sha, _ in a.upload_files():
-            if remote.get(path) == sha:
-                outcome.kept.append(path)
-            else:
-                ops.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(out / path)))
-                sizes[path] = size
-    # The staged manifest is prepare's record: smoke results reach the manifest only at publish (on one machine
-    # the directory's manifest may hold them from an earlier publish), and a new timestamp alone changes nothing.
+    staging = HubRepo(r.hub.repo_id, r.hub.staging)
+    remote = staging.files()
+    wanted = [Want(f.path, f.sha256, local=out / f.path) for a in m.artifacts for f in a.upload_files()]
+    # The staged manifest is prepare's record: smoke results and the card's record reach the manifest only at
+    # publish (on one machine the directory's manifest may hold them from an earlier publish), and a new timestamp
+    # alone changes nothing.
     m.smoke = None
+    m.card = None
     data = m.to_dict()
     staged = read(r) if mf.FILENAME in remote else None
-    if staged is not None and staged.manifest is not None and same_manifest(staged.manifest.to_dict(), data):
-        outcome.kept.append(mf.FILENAME)
-    else:
-        data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        ops.append(CommitOperationAdd(path_in_repo=mf.FILENAME,
-                                      path_or_fileobj=(json.dumps(data, indent=2) + "\n").encode()))
-    quality_data = (out / kld.FILENAME).read_bytes()
-    if remote.get(kld.FILENAME) in blob_ids(quality_data):
-        outcome.kept.append(kld.FILENAME)
-    else:
-        ops.append(CommitOperationAdd(path_in_repo=kld.FILENAME, path_or_fileobj=quality_data))
-    if ops:
-        status(f"{r.hub.repo_id}@{r.hub.staging}: staging {len(ops)} files in one commit")
-        commit(r.hub.repo_id, ops, f"moeprep staging: {m.model} prepared from {m.source.id}@{m.source.commit}",
-               revision=r.hub.staging, private=r.hub.private)
-        outcome.made = [op.path_in_repo for op in ops]
+    same = staged is not None and staged.manifest is not None and same_manifest(staged.manifest.to_dict(), data)
+    if not same:
+        data["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
+        wanted.append(Want(mf.FILENAME, local=(json.dumps(data, indent=2) + "\n").encode()))
+    wanted.append(Want(kld.FILENAME, local=(out / kld.FILENAME).read_bytes()))
+    todo, kept = plan_commit(wanted, remote)
+    outcome: Outcome[None] = Outcome(Stage.STAGE, kept=kept + ([mf.FILENAME] if same else []))
+    if todo:
+        status(f"{r.hub.repo_id}@{r.hub.staging}: staging {len(todo)} files in one commit")
+        staging.commit(todo, f"moeprep staging: {m.model} prepared from {m.source.id}@{m.source.commit}",
+                       private=r.hub.private)
+        outcome.made = [w.path_in_repo for w in todo]
     return outcome
 
 
@@ -226,8 +173,6 @@ def prepared(r: Recipe, commit: str | None) -> tuple[mf.Manifest | None, str]:
     the same source commit, every file the recipe asks for made with its settings, each staged with its
     sha256, its plan and a current quality record. Reads only the branch's file list and small files.
     Returns the staged manifest where it does (None where not), and why."""
-    from moeprep import mixes
-
     if commit is None:
         return None, "the source commit is unknown"
     staged = read(r)
@@ -239,29 +184,28 @@ def prepared(r: Recipe, commit: str | None) -> tuple[mf.Manifest | None, str]:
     base = m.base
     if base is None or base.quant != r.outtype.upper() or base.settings.outtype != r.outtype:
         return None, f"staging holds no {r.outtype.upper()} conversion"
-    covered = r.imatrix.quants if r.imatrix else []
-    for t in mixes.targets(r.quants, r.mix, r.tensor_types):
+    plan = r.quant_plan
+    i = m.imatrix
+    spec = plan.imatrix
+    if spec is not None and spec.text is not None and (
+            i is None or i.made_from != base.sha256
+            or (i.text_sha256, i.ctx, i.chunks) != (hashlib.sha256(spec.text.read_bytes()).hexdigest(), spec.ctx,
+                                                    spec.chunks)):
+        return None, "the staged importance matrix was made from another text or with other settings"
+    for t in plan.targets:
         a = m.artifact(t.label)
-        s = a.settings if a else None
-        if (a is None or a.made_from != base.sha256 or (s.ftype, s.mix, s.tensor_types) != (t.ftype, t.mix, [str(x) for x in t.rules])
-                or bool(s.imatrix) != (t.label in covered)):
+        if a is None or a.made_from != base.sha256 or a.settings != plan.settings(t, i.sha256 if i else None):
             return None, f"staging holds no current {t.label}"
-    if covered:
-        text = r.relative(r.imatrix.calibration)
-        i = m.imatrix
-        if i is None or (i.text_sha256, i.ctx, i.chunks) != (hashlib.sha256(text.read_bytes()).hexdigest(), r.imatrix.ctx,
-                                                             r.imatrix.chunks):
-            return None, "the staged importance matrix was made from another text or with other settings"
     for a in m.artifacts:
         if a.size > r.hub.max_shard_bytes and not (a.shards and all(s.max_bytes == r.hub.max_shard_bytes for s in a.shards)):
             return None, f"{a.path} is not staged as shards of {r.hub.max_shard}"
-        for path, _, sha, _ in a.upload_files():
-            if not staged.holds(path, sha):
-                return None, f"staging lacks {path} with the sha256 the manifest lists"
+        for f in a.upload_files():
+            if not staged.holds(f.path, f.sha256):
+                return None, f"staging lacks {f.path} with the sha256 the manifest lists"
         if a.probe is not None and not a.plans:
             return None, f"staging's manifest records no plan of {a.path}"
     q = staged.quality
-    if (q is None or q.reference_sha256 != base.sha256 or not kld.same_method(q.settings, kld.resolved(smoke_settings(r)))
+    if (q is None or q.reference_sha256 != base.sha256 or q.settings.quality_key() != measure.resolved(smoke_settings(r))[0].quality_key()
             or any(q.current(a) is None for a in m.artifacts if a is not base)):
         return None, "staging holds no current quality record"
     return m, f"{r.hub.repo_id}@{r.hub.staging} (commit {staged.commit[:12]}) holds every file, made from " \
@@ -276,12 +220,6 @@ def smoke(out: Path, r: Recipe, quants: list[str] | None = None, *, status: Stat
     A quant whose staged result measured the staged bytes with the recipe's settings is kept, and its file
     is not downloaded. Each result is committed on its own, so parallel jobs of other quants never conflict.
     """
-    from huggingface_hub import CommitOperationAdd
-
-    from moeprep.stages import smoke as smoke_stage
-    from moeprep.stages.pull import pull
-    from moeprep.stages.push import commit, token_check
-
     check_layout(r)
     labels = smoked_labels(r)
     if quants:
@@ -292,7 +230,7 @@ def smoke(out: Path, r: Recipe, quants: list[str] | None = None, *, status: Stat
         raise MoeprepError(f"{r.hub.repo_id}@{r.hub.staging} holds nothing to smoke",
                            f"run {hint('moeprep', 'release', r.path, '--stages', 'prepare')} first")
     settings = smoke_settings(r)
-    outcome = Outcome("smoke")
+    outcome: Outcome[None] = Outcome(Stage.SMOKE)
     for label in labels:
         a = staged.manifest.artifact(label)
         if a is None:
@@ -317,9 +255,9 @@ def smoke(out: Path, r: Recipe, quants: list[str] | None = None, *, status: Stat
                                "nothing was staged for it; fix the cause and run this job again")
         data = (json.dumps(_report_adapter().dump_python(report, mode="json"), indent=2) + "\n").encode()
         status(f"{r.hub.repo_id}@{r.hub.staging}: adding {smoke_path(label)}")
-        commit(r.hub.repo_id, [CommitOperationAdd(path_in_repo=smoke_path(label), path_or_fileobj=data)],
-               f"moeprep smoke: {a.path} on {report.hardware.cpu}"
-               + "".join(f", {g.name}" for g in report.hardware.gpus), revision=r.hub.staging)
+        HubRepo(r.hub.repo_id, r.hub.staging).commit(
+            [Want(smoke_path(label), local=data)],
+            f"moeprep smoke: {a.path} on {report.hardware.cpu}" + "".join(f", {g.name}" for g in report.hardware.gpus))
         outcome.made.append(smoke_path(label))
     return outcome
 

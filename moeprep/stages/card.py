@@ -1,5 +1,6 @@
-"""The card stage: check the files against the manifest, split what is too large, make sure every file's plan is
-recorded, draw the plot, record how the card is rendered, render one card per repo (card.py) and lint each.
+"""The card stage: check the files against the manifest and that every file's plan is recorded, draw the plot,
+record how the card is rendered, render one card per repo (card/render.py) and lint each. It runs no llama.cpp
+and splits nothing: the plan and split stages did that where the GGUFs are.
 
 A card that fails its own lint is never left looking finished, and no card is written for files that are not the
 bytes the manifest lists.
@@ -11,16 +12,20 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 from moeprep.card.layout import repos
+from moeprep.card.lint import lint_text
 from moeprep.card.render import PLOT, base_model, render
 from moeprep.errors import IntegrityError, MoeprepError
 from moeprep.files import matches, write_aside, write_text
+from moeprep.hub.repo import endpoint
 from moeprep.inputs import read_bytes
 from moeprep.limits import MAX_TEMPLATE
-from moeprep.predict import plan as plan_stage
 from moeprep.records import manifest as mf
 from moeprep.records.manifest import CardRecord, Manifest
-from moeprep.records.outcome import Outcome, Status, quiet
+from moeprep.records.outcome import Outcome, Stage, Status, quiet
 from moeprep.shell import hint
 
 DRAFT = {"front matter: missing base_model", "front matter: missing base_model_relation"}  # what only a draft may lack
@@ -33,20 +38,17 @@ class CardOptions:
     quantized_by: str = "moeprep"
     base_model: str | None = None
     template: Path | None = None
-    max_shard: int | None = None  # split files larger than this before the card lists them
     draft: bool = False  # a card to read locally (the demo's): a local source needs no base model, push refuses it
     files_here: bool = True  # False in a staged release's publish job: the files are on the Hub, not here
 
 
 def card_record(m: Manifest, options: CardOptions) -> CardRecord:
-    from huggingface_hub import constants
-
     template_sha = None
     if options.template:
         data = read_bytes(options.template, MAX_TEMPLATE, "card template", "pass --template PATH to a Jinja template")
         template_sha = hashlib.sha256(data).hexdigest()
     record = CardRecord(options.repo_id, options.layout, options.quantized_by, options.base_model,
-                        constants.ENDPOINT.rstrip("/"), options.draft,
+                        endpoint(), options.draft,
                         str(Path(options.template).resolve()) if options.template else None, template_sha)
     if not base_model(m, record) and not options.draft:
         raise MoeprepError("the source is a local directory, so the card cannot name its base model",
@@ -63,11 +65,9 @@ def check_files(out: Path, m: Manifest, status: Status = quiet) -> None:
                                  "make it again (`moeprep convert` or `moeprep quantize`), or pull it again")
 
 
-def write(out: Path, options: CardOptions | None = None, *, dry_run: bool = False, status: Status = quiet) -> Outcome:
-    """Check, split, plan, plot, render and lint; with `dry_run` nothing is written."""
-    from moeprep.card.lint import lint_text
-    from moeprep.stages.split import shard_artifacts
-
+def write(out: Path, options: CardOptions | None = None, *, dry_run: bool = False,
+          status: Status = quiet) -> Outcome[list[Path]]:
+    """Check, plot, render and lint; with `dry_run` nothing is written. The result is every card's path."""
     options = options or CardOptions()
     out = Path(out)
     m = mf.load(out)
@@ -75,14 +75,11 @@ def write(out: Path, options: CardOptions | None = None, *, dry_run: bool = Fals
         raise MoeprepError(f"the manifest in {out} lists no artifacts", "run `moeprep convert` first")
     if options.files_here:
         check_files(out, m, status)
-    outcome = Outcome("card", result=[])
-    if options.max_shard:
-        outcome.notes += shard_artifacts(out, m, options.max_shard, dry_run=dry_run, status=status)
-    if options.files_here:
-        plan_stage.stage(out, m, save=not dry_run, status=status)
+    written: list[Path] = []
+    outcome: Outcome[list[Path]] = Outcome(Stage.CARD, result=written)
     if missing := [a.path for a in m.artifacts if a.probe and not a.plans]:
         raise MoeprepError(f"no plan of {missing[0]} is recorded, and the card shows one",
-                           f"run `moeprep card` where the GGUFs are, or {hint('moeprep', 'plan', out / missing[0])} there")
+                           f"run {hint('moeprep', 'plan', out)} where the GGUFs are")
     m.card = card_record(m, options)
     if not dry_run:
         mf.save(out, m)
@@ -94,7 +91,7 @@ def write(out: Path, options: CardOptions | None = None, *, dry_run: bool = Fals
             raise MoeprepError(f"card lint failed for {repo.card} ({len(problems)} problem{'s' * (len(problems) != 1)}; "
                                f"first: {problems[0]})",
                                "nothing was written; with --template, fix the template, else report a moeprep bug")
-        outcome.result.append(path)
+        written.append(path)
         if path.is_file() and not path.is_symlink() and path.read_bytes() == body.encode("utf-8"):
             outcome.kept.append(repo.card)
             continue
@@ -107,12 +104,11 @@ def write(out: Path, options: CardOptions | None = None, *, dry_run: bool = Fals
 def plot(manifest: Manifest, out: Path) -> Path | None:
     """Decode speed (and VRAM where measured) per quant and placement, as a PNG beside the card."""
     entries = [(a.quant, e) for a in manifest.artifacts if (e := manifest.smoke_result(a))]
-    if not entries:
+    s = manifest.smoke
+    if not entries or s is None:
         return None
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     placements = sorted({p for _, e in entries for p in e.placements})
     has_vram = any(r.gpu_mib() is not None for _, e in entries for r in e.placements.values())
@@ -128,8 +124,7 @@ def plot(manifest: Manifest, out: Path) -> Path | None:
                        yerr=[r.decode_tps.sd or 0 if r else 0 for r in results], label=p)
         if has_vram:
             axes[0][1].bar(xs, [r.gpu_mib() or 0 if r else 0 for r in results], width, label=p)
-    s = manifest.smoke
-    for ax, title in zip(axes[0], ["decode tok/s (mean ± sd)", "GPU: model + KV + compute buffers (MiB)"][:1 + has_vram]):
+    for ax, title in zip(axes[0], ["decode tok/s (mean ± sd)", "GPU: model + KV + compute buffers (MiB)"][:1 + has_vram], strict=False):
         ax.set_xticks([j + width * (len(placements) - 1) / 2 for j in range(len(entries))], [q for q, _ in entries])
         ax.set_title(title)
         ax.legend()

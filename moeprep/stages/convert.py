@@ -1,4 +1,8 @@
-"""Convert stage: safetensors to GGUF with llama.cpp's convert_hf_to_gguf.
+"""Convert stage: safetensors to GGUF with llama.cpp's convert_hf_to_gguf, into `<Model>-<OUTTYPE>.gguf`.
+
+For a Hub repo the source is resolved to a commit, config.json alone is checked against the converter before any
+weight moves, and the snapshot is downloaded and verified (stages/download.py). When the converted file is made
+anew, every artifact not made from it is removed, from the manifest and the disk.
 
 The converter runs as a child process of this interpreter: it imports torch and transformers, calls
 sys.exit on errors and configures logging globally, none of which belongs in moeprep's process.
@@ -14,9 +18,23 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from conversion import TEXT_MODEL_MAP
+from safetensors import safe_open
+
 from moeprep import child, progress
+from moeprep.card import sourcecard
 from moeprep.errors import IntegrityError, MoeprepError
-from moeprep.files import open_log, write_aside
+from moeprep.files import check_free_space, open_log, remove, write_aside
+from moeprep.hub.errors import REPO_ID
+from moeprep.hub.repo import cache_dir
+from moeprep.hub.snapshot import RepoSnapshot, missing_bytes
+from moeprep.quants import QuantPlan
+from moeprep.records import manifest as mf
+from moeprep.records.manifest import Artifact, ArtifactSettings, Manifest, Source
+from moeprep.records.outcome import Outcome, Stage, Status, quiet
+from moeprep.stages.artifacts import recorder, up_to_date
+from moeprep.stages.download import local_source
+from moeprep.tools import versions
 
 # The MoE families moeprep is built for, as their config.json names them.
 MOE_NAME = re.compile(r"(?i)moe|mixtral|deepseekv|gptoss|dbrx|arctic|grok|jamba")
@@ -38,8 +56,6 @@ class SourceModel:
 
 
 def supported_architectures() -> set[str]:
-    from conversion import TEXT_MODEL_MAP  # the converter's own registry
-
     return set(TEXT_MODEL_MAP)
 
 
@@ -79,8 +95,6 @@ def check_config(config_path: Path) -> ModelConfig:
 
 def read_source(folder: Path) -> SourceModel:
     """Check config.json and every safetensors header before any heavy work; count parameters."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     arch = check_config(folder / "config.json").architecture
     n_params = 0
@@ -135,3 +149,103 @@ def _failure(log_path: Path, arch: str) -> ConvertError:
     errors = [line for line in lines if re.search(r"Error|error:", line)]
     last = (errors or lines or ["no output"])[-1].strip()
     return ConvertError(f"convert_hf_to_gguf failed: {last}", f"the full log is {log_path}")
+
+
+DENSE = "{name} is a dense model: --cpu-moe and --n-cpu-moe will change nothing"
+
+
+def default_out(model: str) -> Path:
+    return Path(f"{model}-GGUF")
+
+
+def model_name(source: str) -> str:
+    """The model's name from a local directory or a Hub repo id; anything else is refused here."""
+    local = Path(source)
+    if local.is_dir():
+        return local.resolve().name
+    if local.exists():
+        raise MoeprepError(f"{source} is a file, not a model directory", "give a model directory or a Hub repo id ORG/NAME")
+    if REPO_ID.match(source) and not source.startswith((".", "/")) and ".." not in source:
+        return source.split("/")[-1]
+    raise MoeprepError(f"{source} is neither a model directory nor a Hub repo id", "pass org/name or a folder")
+
+
+def convert_model(folder: Path, src: Source | None, plan: QuantPlan, *, out: Path, dense_note: bool = True,
+                  status: Status = quiet) -> Outcome[Manifest]:
+    """Convert the model in `folder` to `<Model>-<OUTTYPE>.gguf` and probe it; the result is the Manifest.
+
+    `src` is the download's verified record of the folder (None: a local directory, hashed here); `plan` is what
+    the run makes, whose outputs count in the disk check. `dense_note`: say that a dense model gains nothing from
+    the MoE placements (a download says it before the weights move).
+    """
+    name, outtype = plan.model, plan.outtype
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = plan.base
+    outcome: Outcome[Manifest] = Outcome(Stage.CONVERT)
+    model = read_source(folder)
+    if src is None:
+        src = local_source(folder)
+    src.architecture = model.architecture
+    src.card = sourcecard.read(folder, src)
+    old = mf.load_or_none(out)
+    missing = {n: size for n, size in plan.sizes(model.n_params).items() if not (out / n).is_file()}  # there: made
+    what = (f"the {outtype.upper()} and " if base in missing else "") + f"{len(missing) - (base in missing)} quants"
+    check_free_space(out, sum(missing.values()), what)
+
+    if old is not None and (old.model, old.source.id) != (name, src.id):
+        raise MoeprepError(f"{out} holds the GGUFs of {old.source.id}, not {src.id}: converting into it would mix two "
+                           "models' files", "choose another --out, or delete that directory first")
+    manifest = Manifest(model=name, source=src, tools=versions(), artifacts=old.artifacts if old else [],
+                        smoke=old.smoke if old else None, imatrix=old.imatrix if old else None,
+                        card=old.card if old else None)
+    outcome.result = manifest
+    fingerprint = src.fingerprint()
+    settings = ArtifactSettings(outtype=outtype)
+    if up_to_date(out, manifest.artifact(outtype.upper()), fingerprint, settings):
+        outcome.kept.append(base)
+    else:
+        status(f"converting {model.architecture} ({model.n_params / 1e6:.1f}M parameters) to {base}")
+        convert(model, out / base, outtype, out / "logs" / f"convert-{outtype}.log", name,
+                recorder(out, out / base, manifest, [], outtype.upper(), "convert", fingerprint, settings))
+        outcome.made.append(base)
+    converted = manifest.artifact(outtype.upper())
+    assert converted is not None  # kept, or recorded before it took its name
+    outcome.notes += _drop_stale(out, manifest, converted)
+    if dense_note and manifest.probe and not manifest.probe.is_moe:
+        outcome.notes.append(DENSE.format(name=name))
+    mf.save(out, manifest)
+    return outcome
+
+
+def _drop_stale(out: Path, manifest: Manifest, base: Artifact) -> list[str]:
+    """Remove, from the manifest and the disk, every artifact not made from `base`, the current converted file.
+
+    Left in place they would be listed, carded and pushed as quants of a file that no longer exists.
+    """
+
+    notes = []
+    for a in [a for a in manifest.artifacts if a is not base and (a.stage == "convert" or a.made_from != base.sha256)]:
+        manifest.remove(a)
+        remove(out, out / a.path)
+        if a.shards:
+            remove(out, out / a.quant)
+        notes.append(f"removed {a.path}: it was made from an earlier {base.quant}, not the current one")
+    if manifest.imatrix and manifest.imatrix.made_from != base.sha256:
+        manifest.imatrix = None
+    return notes
+
+
+def check_disk_for_download(snap: RepoSnapshot, out: Path, plan: QuantPlan) -> None:
+    """Before any byte moves: room for what is not cached yet, and for the outputs."""
+    weights = sum(f.size for f in snap.files if f.path.endswith(".safetensors"))
+    n_params = weights // 2  # Hub checkpoints are bf16/f16; read_source counts exactly later
+    outputs = sum(size for name, size in plan.sizes(n_params).items() if not (out / name).is_file())  # there: made
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    fetching = missing_bytes(snap)
+    if os.stat(cache).st_dev == os.stat(out).st_dev:
+        check_free_space(out, fetching + outputs, f"the download ({snap.repo_id}) and the GGUF outputs")
+    else:
+        check_free_space(cache, fetching, f"the download of {snap.repo_id}")
+        check_free_space(out, outputs, "the GGUF outputs")

@@ -1,154 +1,22 @@
-"""Download stage: a pinned snapshot of a model's safetensors, config and tokenizer from the Hub.
-
-huggingface_hub does the transfer (HF cache, HF_TOKEN, HF_ENDPOINT); moeprep resolves the revision
-to a commit, refuses anything that is not plain data, and checks every file against the hash the Hub
-advertises, because snapshot_download itself does not.
+"""Download stage: a pinned snapshot of a model's safetensors, config and tokenizer (hub/snapshot.py), each file
+checked against the hash the Hub advertises, because snapshot_download itself does not; and the Source record of
+a local model directory, its files hashed.
 """
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass
 from pathlib import Path
 
 from moeprep import progress
-from moeprep.errors import HubError, IntegrityError, MoeprepError
-from moeprep.files import git_blob_sha1, sha256_file
-from moeprep.hub import errors as hub
+from moeprep.errors import IntegrityError, MoeprepError
+from moeprep.files import check_free_space, git_blob_sha1, sha256_file
+from moeprep.hub.repo import cache_dir
+from moeprep.hub.snapshot import RepoSnapshot, download, missing_bytes, resolve, wanted
 from moeprep.records.manifest import Source, SourceFile
-
-# Weights as safetensors only, plus what the converter reads. No *.py: remote code never reaches disk,
-# no *.bin/*.pt: pickles are never loaded.
-WANTED = [
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "config.json",
-    "generation_config.json",
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "*.tiktoken",
-    "chat_template.jinja",
-    "README.md",
-    "LICENSE*",
-]
-
-
-def wanted(name: str) -> bool:
-    return "/" not in name and any(fnmatch.fnmatch(name, p) for p in WANTED)
-
-
-@dataclass
-class RemoteFile:
-    path: str
-    size: int
-    sha256: str | None  # LFS files: the sha256 the Hub advertises
-    blob_id: str | None  # small files: the git blob id
-
-
-@dataclass
-class RepoSnapshot:
-    """What a revision of a repo holds, before anything is downloaded."""
-
-    repo_id: str
-    revision: str
-    commit: str
-    gated: bool
-    files: list[RemoteFile]
-
-    @property
-    def size(self) -> int:
-        return sum(f.size for f in self.files)
-
-
-def resolve(repo_id: str, revision: str | None = None) -> RepoSnapshot:
-    """Ask the Hub which commit `revision` is and which files (with sizes and hashes) it holds."""
-    from huggingface_hub import HfApi, constants, get_token
-
-    revision = revision or "main"
-    hub.check_repo_id(repo_id)
-    try:
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
-    except Exception as e:
-        raise hub.error(e, repo_id, revision=revision) from e
-    files = [
-        RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None, s.blob_id)
-        for s in info.siblings or []
-        if wanted(s.rfilename)
-    ]
-    if not any(f.path.endswith(".safetensors") for f in files):
-        raise MoeprepError(
-            f"{repo_id}@{revision} has no .safetensors weights",
-            "moeprep converts safetensors only; pick a revision or repo that has them",
-        )
-    gated = bool(info.gated)
-    if gated and not get_token():
-        raise HubError(
-            f"{repo_id} is a gated repo and no Hugging Face token is set",
-            f"accept its terms at {constants.ENDPOINT}/{repo_id}, then set HF_TOKEN or run `hf auth login`",
-        )
-    return RepoSnapshot(repo_id, revision, info.sha, gated, files)
-
-
-def missing(snapshot: RepoSnapshot) -> list[RemoteFile]:
-    """Files of the snapshot not yet in the HF cache: what a download will fetch."""
-    from huggingface_hub import try_to_load_from_cache
-
-    return [f for f in snapshot.files
-            if not isinstance(try_to_load_from_cache(snapshot.repo_id, f.path, revision=snapshot.commit), str)]
-
-
-def missing_bytes(snapshot: RepoSnapshot) -> int:
-    return sum(f.size for f in missing(snapshot))
 
 
 def check_cache_space(snapshot: RepoSnapshot) -> None:
-    from huggingface_hub import constants
-
-    from moeprep.files import check_free_space
-
-    check_free_space(Path(constants.HF_HUB_CACHE), missing_bytes(snapshot), f"the download of {snapshot.repo_id}")
-
-
-def fetch_config(snapshot: RepoSnapshot) -> Path:
-    """config.json alone, verified, so the architecture is checked before 80 GB of weights move."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        path = Path(hf_hub_download(snapshot.repo_id, "config.json", revision=snapshot.commit))
-    except Exception as e:
-        raise hub.error(e, snapshot.repo_id, revision=snapshot.revision) from e
-    remote = next((f for f in snapshot.files if f.path == "config.json"), None)
-    if remote and remote.blob_id and git_blob_sha1(path) != remote.blob_id:
-        raise IntegrityError(f"{snapshot.repo_id}/config.json does not match the git blob id the Hub advertises",
-                             "delete it from the HF cache (`hf cache delete`) and download again")
-    return path
-
-
-def download(snapshot: RepoSnapshot) -> tuple[Path, Source]:
-    """Fetch the snapshot into the HF cache and verify every file; returns its folder and the Source record."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import disable_progress_bars
-
-    if progress.is_disabled():
-        disable_progress_bars()
-    try:
-        folder = Path(
-            snapshot_download(
-                snapshot.repo_id,
-                revision=snapshot.commit,
-                allow_patterns=[f.path for f in snapshot.files],
-            )
-        )
-    except Exception as e:
-        raise hub.error(e, snapshot.repo_id, revision=snapshot.revision) from e
-    files = verify(folder, snapshot)
-    source = Source(snapshot.repo_id, "hub", snapshot.revision, snapshot.commit, files)
-    return folder, source
+    check_free_space(cache_dir(), missing_bytes(snapshot), f"the download of {snapshot.repo_id}")
 
 
 def fetch(repo_id: str, revision: str | None = None, status=lambda line: None) -> tuple[Path, Source]:
@@ -156,7 +24,14 @@ def fetch(repo_id: str, revision: str | None = None, status=lambda line: None) -
     snap = resolve(repo_id, revision)
     status(f"{repo_id}@{snap.revision} is commit {snap.commit}")
     check_cache_space(snap)
-    return download(snap)
+    return verified(snap)
+
+
+def verified(snapshot: RepoSnapshot) -> tuple[Path, Source]:
+    """The snapshot downloaded and every file checked: its folder and the Source record."""
+    folder = download(snapshot)
+    files = verify(folder, snapshot)
+    return folder, Source(snapshot.repo_id, "hub", snapshot.revision, snapshot.commit, files)
 
 
 def verify(folder: Path, snapshot: RepoSnapshot) -> list[SourceFile]:

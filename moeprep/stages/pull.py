@@ -15,8 +15,9 @@ from pathlib import Path
 from moeprep.errors import IntegrityError, MoeprepError
 from moeprep.files import inside, make_dirs, remove, sha256_file
 from moeprep.hub import errors as hub
+from moeprep.hub.repo import HubRepo
 from moeprep.records import manifest as mf
-from moeprep.records.outcome import Outcome, Status, quiet
+from moeprep.records.outcome import Outcome, Stage, Status, quiet
 
 SCRATCH = ".moeprep-pull"  # where huggingface_hub writes, inside the output directory, before a file is verified
 
@@ -27,15 +28,10 @@ def parse(spec: str) -> tuple[str, str | None]:
     return hub.check_repo_id(repo_id), revision or None
 
 
-def remote_manifest(repo_id: str, revision: str | None, spec: str) -> mf.Manifest:
-    from huggingface_hub import hf_hub_download
-
+def remote_manifest(repo: HubRepo, spec: str) -> mf.Manifest:
+    local = repo.download(mf.FILENAME)
     try:
-        remote = Path(hf_hub_download(repo_id, mf.FILENAME, revision=revision))
-    except Exception as e:
-        raise hub.error(e, repo_id, revision=revision) from e
-    try:
-        return mf.read(remote)
+        return mf.read(local)
     except MoeprepError as e:
         raise MoeprepError(f"{spec}'s manifest.json is not a moeprep manifest ({e.message})",
                            "pull from a repo that `moeprep push` wrote") from e
@@ -63,18 +59,14 @@ def merged(local: mf.Manifest | None, remote: mf.Manifest, out: Path) -> mf.Mani
     return local
 
 
-def pull(spec: str, out: Path, *, quants: list[str] | None = None, status: Status = quiet) -> Outcome:
+def pull(spec: str, out: Path, *, quants: list[str] | None = None, status: Status = quiet) -> Outcome[mf.Manifest]:
     """Fetch the manifest at `spec`, then the files of the chosen quants (all without `quants`) into `out`.
 
     The outcome's result is the Manifest as written to `out`.
     """
-    from huggingface_hub import hf_hub_download
-
-    from moeprep import progress
-
-    repo_id, revision = parse(spec)
+    repo = HubRepo(*parse(spec))
     out = Path(out)
-    manifest = remote_manifest(repo_id, revision, spec)
+    manifest = remote_manifest(repo, spec)
     result = merged(mf.load_or_none(out), manifest, out)
     chosen = manifest.artifacts
     if quants:
@@ -83,33 +75,29 @@ def pull(spec: str, out: Path, *, quants: list[str] | None = None, status: Statu
             raise MoeprepError(f"{spec} has no {', '.join(sorted(unknown))}",
                                f"it has {', '.join(a.quant for a in manifest.artifacts)}")
         chosen = [a for a in manifest.artifacts if a.quant.upper() in wanted]
-    outcome = Outcome("pull", result=result)
-    if progress.is_disabled():
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
+    outcome: Outcome[mf.Manifest] = Outcome(Stage.PULL, result=result)
     scratch = out / SCRATCH
     for a in chosen:
-        for path, size, sha, _ in a.upload_files():
-            target = inside(out, out / path)
-            if target.is_file() and target.stat().st_size == size and sha256_file(target) == sha:
-                outcome.kept.append(path)
+        for f in a.upload_files():
+            target = inside(out, out / f.path)
+            if target.is_file() and target.stat().st_size == f.size and sha256_file(target) == f.sha256:
+                outcome.kept.append(f.path)
                 continue
-            status(f"pulling {repo_id}/{path}")
+            status(f"pulling {repo.repo_id}/{f.path}")
             remove(out, scratch)
             make_dirs(out, scratch)
             try:
-                fetched = Path(hf_hub_download(repo_id, path, revision=revision, local_dir=scratch))
-            except Exception as e:
+                fetched = repo.download_to(f.path, scratch)
+            except MoeprepError:
                 remove(out, scratch)
-                raise hub.error(e, repo_id, revision=revision) from e
-            if fetched.is_symlink() or sha256_file(fetched) != sha:
+                raise
+            if fetched.is_symlink() or sha256_file(fetched) != f.sha256:
                 remove(out, scratch)
-                raise IntegrityError(f"{repo_id}/{path} does not have the sha256 its manifest lists",
+                raise IntegrityError(f"{repo.repo_id}/{f.path} does not have the sha256 its manifest lists",
                                      "the repo's files and manifest disagree: push them again")
             make_dirs(out, target.parent)
             os.replace(fetched, target)
-            outcome.made.append(path)
+            outcome.made.append(f.path)
     remove(out, scratch)
     mf.save(out, result)
     return outcome

@@ -21,15 +21,22 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 
+from pydantic import TypeAdapter, ValidationError
+
+from moeprep import hardware as gpu
 from moeprep.errors import MoeprepError
 from moeprep.files import write_json
+from moeprep.llama.build import backends, devices
+from moeprep.quality import scoring as quality
 from moeprep.records import manifest as mf
-from moeprep.records.outcome import Outcome, Status, quiet
+from moeprep.records.outcome import Outcome, Stage, Status, quiet
 from moeprep.records.results import Hardware, Quality, SmokeSettings
+from moeprep.stages import measure as measuring
+from moeprep.tools import versions
 
 FILENAME = "quality.json"
 FORMAT = "moeprep.quality/1"
@@ -68,14 +75,10 @@ class QualityRecord:
 
 @cache
 def _adapter():
-    from pydantic import TypeAdapter
-
     return TypeAdapter(QualityRecord)
 
 
 def parse(data: object, where: str) -> QualityRecord:
-    from pydantic import ValidationError
-
     try:
         return _adapter().validate_python(data)
     except ValidationError as e:
@@ -90,60 +93,39 @@ def load(out: Path) -> QualityRecord | None:
     return parse(json.loads(path.read_text(encoding="utf-8")), str(path))
 
 
-def same_method(a: SmokeSettings, b: SmokeSettings) -> bool:
-    """The settings that decide a quality figure: the text, its chunking, and the greedy prompt."""
-    keys = ("quality_text_sha256", "quality_ctx", "quality_chunks", "quality_tokens", "n_batch", "n_ubatch",
-            "prompt", "new_tokens")
-    return all(getattr(a, k, None) == getattr(b, k, None) for k in keys)
-
-
-def resolved(settings: SmokeSettings) -> SmokeSettings:
-    """The settings as smoke resolves them on this machine (threads, the evaluation text and its sha256)."""
-    from moeprep.stages import smoke
-
-    return smoke.resolved(settings)[0]
-
-
 def measure(out: Path, settings: SmokeSettings, *, status: Status = quiet) -> Outcome:
     """KLD and top-1 of every quant in `out` against its F16, kept where these bytes were measured already.
 
     Raises when a quant's logits are not finite or its greedy output collapses where the F16's does not:
     such a file is never staged. The outcome's result is the QualityRecord.
     """
-    from moeprep.llama.lib import backends, devices
-    from moeprep.quality import scoring as quality
-    from moeprep.stages import smoke
-    from moeprep.tools import versions
-
     out = Path(out)
     m = mf.load(out)
     base = m.base
     if base is None:
         raise MoeprepError(f"the manifest in {out} has no converted file to compare with", "run the prepare stages")
-    settings, text = smoke.resolved(settings)
+    settings, text = measuring.resolved(settings)
     record = load(out)
-    if record is not None and (record.reference_sha256 != base.sha256 or not same_method(record.settings, settings)):
+    if record is not None and (record.reference_sha256 != base.sha256 or record.settings.quality_key() != settings.quality_key()):
         record = None  # another F16 or another method: nothing recorded counts
     quants = [a for a in m.artifacts if a is not base]
-    outcome = Outcome("quality")
+    outcome: Outcome[QualityRecord] = Outcome(Stage.QUALITY)
     todo = [a for a in quants if record is None or record.current(a) is None]
     outcome.kept = [a.path for a in quants if a not in todo]
     if todo:
-        from moeprep import hardware as gpu
-
         status(f"quality: the reference of {base.path}")
-        ref = smoke.reference_for(out / base.path, base.sha256, settings, text)
+        ref = measuring.reference_for(out / base.path, base.sha256, settings, text)
         if record is None:
             record = QualityRecord(
                 reference=base.path, reference_sha256=base.sha256, reference_greedy=ref.greedy_tokens,
                 settings=settings, backend="+".join(backends([d for d in devices() if d["type"] != "CPU"]) or ["CPU"]),
                 hardware=gpu.hardware(None), tools=versions(),
-                measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
                 method=(f"{quality.METHODS['kld']}; the F16 and the file evaluated on the same machine and backend "
                         f"in the release's prepare job"))
         for a in todo:
             status(f"quality: {a.path} against {base.path}")
-            q = smoke.quality_of(out / a.path, ref, settings)
+            q = measuring.quality_of(out / a.path, ref, settings)
             record.results[a.path] = Entry(a.sha256, q, [] if q.finite else ["NaN or inf in the logits"])
             write_json(out / FILENAME, record.to_dict())  # after each file: a rerun keeps what was measured
             outcome.made.append(a.path)
@@ -161,6 +143,4 @@ def measure(out: Path, settings: SmokeSettings, *, status: Status = quiet) -> Ou
 
 def collapses(record: QualityRecord, greedy_tokens: list[int]) -> bool:
     """A file's greedy output (from its smoke) collapses into one repeated token where the F16's does not."""
-    from moeprep.quality import scoring as quality
-
     return quality.degenerates_alone(greedy_tokens, record.reference_greedy)

@@ -1,222 +1,122 @@
-"""Quantize stage: libllama's own quantizer (`llama_model_quantize`) through llama-cpp-python, in-process.
-
-At llama.cpp 0c1e570 the quantizer takes everything llama-quantize passes it through plain C structs in
-llama_model_quantize_params (include/llama.h): the importance matrix as a NULL-terminated array of
-llama_model_imatrix_data {name, data, size}, per-tensor types as one of llama_model_tensor_override
-{pattern, type}, extra metadata as one of llama_model_kv_override, and `dry_run` to size without writing.
-llama-cpp-python 0.3.36 declares all four with the same layout, so no second llama.cpp build is needed.
+"""Quantize stage: every output of a QuantPlan made from the directory's converted file with libllama's own
+quantizer (llama/quantize.py), each kept where it is up to date and recorded before it takes its name; and
+`quantize_file`, the same for one GGUF given on the command line.
 """
 
 from __future__ import annotations
 
-import ctypes
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from moeprep import progress
+from moeprep import quants
 from moeprep.errors import MoeprepError
-from moeprep.files import human_bytes, write_aside
-
-DEFAULT_QUANTS = ("Q8_0", "Q4_K_M", "Q2_K")
-
-# llama.cpp refuses these file types without an importance matrix (tensor_requires_imatrix in llama-quant.cpp).
-NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"}
-
-# Approximate bits per weight of whole files, for the free-disk check only (never reported as a size).
-BITS_PER_WEIGHT = {
-    "F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.5,
-    "Q5_1": 6, "Q5_0": 5.5, "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_1": 5, "Q4_0": 4.5, "IQ4_XS": 4.3,
-    "IQ4_NL": 4.5, "MXFP4_MOE": 4.3, "Q3_K_L": 4.3, "Q3_K_M": 3.9, "Q3_K_S": 3.5, "IQ3_M": 3.7,
-    "IQ3_S": 3.5, "IQ3_XS": 3.3, "IQ3_XXS": 3.1, "Q2_K": 3.0, "IQ2_M": 2.7,
-    "IQ2_S": 2.5, "IQ2_XS": 2.31, "IQ2_XXS": 2.06, "IQ1_M": 1.75, "IQ1_S": 1.56,  # llama.cpp quantize help
-}
+from moeprep.files import check_free_space, sha256_file
+from moeprep.ggufio.probe import probe, read
+from moeprep.llama import imatrix as imatrix_file
+from moeprep.llama import quantize as quantizer
+from moeprep.llama.quantize import Sized
+from moeprep.quants import QuantPlan, Target
+from moeprep.records import manifest as mf
+from moeprep.records.manifest import Artifact
+from moeprep.records.outcome import Outcome, Stage, Status, quiet
+from moeprep.stages import imatrix as imatrix_stage
+from moeprep.stages import plan as plan_stage
+from moeprep.stages.artifacts import recorder, up_to_date
 
 
-class QuantizeError(MoeprepError):
-    pass
+def quantize_model(out: Path, plan: QuantPlan, *, nthread: int = 0, status: Status = quiet) -> Outcome[mf.Manifest]:
+    """Make every output of `plan` from the directory's converted file; the result is the Manifest."""
+    manifest = mf.load(out)
+    f16 = manifest.base
+    if f16 is None:
+        raise MoeprepError(f"the manifest in {out} has no converted file to quantize", "run `moeprep convert` first")
+    outcome: Outcome[mf.Manifest] = Outcome(Stage.QUANTIZE, result=manifest, notes=list(plan.notes))
+    outcome.notes += _rule_notes(out / f16.path, list(plan.targets))
+    spec = plan.imatrix
+    imat = imatrix_stage.ensure(out, manifest, f16, spec, status) if spec and spec.text and spec.quants else None
+    loaded = None
+    for t in plan.targets:
+        name = plan.path(t)
+        use = imat is not None and plan.uses_imatrix(t)
+        settings = plan.settings(t, imat.sha256 if imat is not None and use else None)
+        if up_to_date(out, manifest.artifact(t.label), f16.sha256, settings):
+            outcome.kept.append(name)
+            continue
+        status(f"quantizing {f16.path} to {t.label}" + (" with the importance matrix" if use else ""))
+        if imat is not None and use and loaded is None:
+            loaded = imatrix_file.load(out / imat.path)
+        quantizer.quantize(out / f16.path, out / name, t.ftype, nthread, imatrix=loaded if use else None,
+                           rules=t.rules, before_rename=recorder(out, out / name, manifest, [], t.label, "quantize",
+                                                                 f16.sha256, settings))
+        outcome.made.append(name)
+    return outcome
 
 
-def check_types(names: list[str] | tuple[str, ...], allow_imatrix: bool = False) -> list[str]:
-    """Normalise quant names; refuse unknown ones, and those that need an importance matrix unless one is given."""
-    from moeprep.llama.lib import file_types
-
-    known = file_types()
-    out = []
-    for raw in names:
-        name = raw.upper()
-        if name not in known:
-            raise QuantizeError(f"unknown quant type {raw!r}", f"choose from {', '.join(known)}")
-        if name in NEEDS_IMATRIX and not allow_imatrix:
-            raise QuantizeError(
-                f"{name} needs an importance matrix, and llama.cpp refuses it without one",
-                "give a calibration text with --imatrix-text (or an imatrix with --imatrix), or choose Q2_K or larger",
-            )
-        if name not in out:
-            out.append(name)
-    return out
+def file_plan(src: Path, quant_names: list[str], mixes: list[str], tensor_types: list[str], imatrix: Path | None,
+              dry_run: bool = False) -> QuantPlan:
+    """The plan of `moeprep quantize FILE`: outputs beside the file, named after it, an importance matrix file (if
+    given) used for every one."""
+    model = re.sub(r"-(F16|BF16|F32)$", "", src.stem, flags=re.IGNORECASE)
+    kind = re.search(r"-(F16|BF16|F32)$", src.stem, flags=re.IGNORECASE)
+    outtype = kind.group(1).lower() if kind else "f16"
+    probe_only = quants.plan(model, quant_names, mixes, tensor_types, outtype=outtype, dry_run=True, converted=False)
+    spec = quants.ImatrixSpec(tuple(probe_only.labels), file=imatrix) if imatrix else None
+    return quants.plan(model, quant_names, mixes, tensor_types, outtype=outtype, imatrix=spec, dry_run=dry_run,
+                       converted=False)
 
 
-def planned_size(n_params: int, name: str) -> int:
-    from moeprep.mixes import MIXES
-
-    base = MIXES[name].base if name in MIXES else name  # a mix is mostly its base type; 10 % covers the rest
-    return int(n_params * BITS_PER_WEIGHT.get(base, 16) / 8 * 1.1)
-
-
-WARN, ERROR = 3, 4  # enum ggml_log_level (INFO is 2, CONT 5)
-# llama_model_quantize_impl logs, per tensor: "[  3/ 39]  blk.0.ffn_up_exps.weight - [256, 512, 16, 1], type = f16, "
-# then "converting to q4_K .. size = ... -> ... MiB", or in a dry run "size = ... -> ... MiB (q4_K)", or for a
-# tensor it keeps, "size = ... MiB" alone.
-_TENSOR = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+)")
-_NEW_TYPE = re.compile(r"converting to (\w+) \.\.|-> .*MiB \((\w+)\)")
-
-
-def quantize(src: Path, dst: Path, name: str, nthread: int = 0, *, imatrix=None, rules=(), dry_run: bool = False,
-             before_rename=None) -> dict[str, str]:
-    """Quantize `src` (an F16/BF16/F32 GGUF) to `dst` as llama.cpp file type `name`.
-
-    `imatrix` is an imatrix.Imatrix; `rules` are mixes.Rule, first match wins. With `dry_run` llama.cpp
-    decides every tensor's type and writes nothing. Returns the type it gave each tensor.
-    """
-    import llama_cpp
-
-    from moeprep.llama.lib import capture_log, file_types
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = file_types()[name]
-    params.nthread = nthread
-    params.dry_run = dry_run
-    keep = _point_at(params, imatrix, list(rules))  # every C array and string the params point into
-    errors: list[str] = []
-    types: dict[str, str] = {}
-    current = ""  # the tensor the last counter line named
-    with progress.bar(("size " if dry_run else "quantize → ") + dst.name, None, unit="tensor") as bar:
-
-        def on_line(level: int, text: str) -> None:
-            nonlocal current
-            if m := _TENSOR.match(text):
-                bar.total = int(m.group(2))
-                bar.update(int(m.group(1)) - bar.n)
-                current = m.group(3)
-                types[current] = m.group(4).upper()
-            elif m := _NEW_TYPE.search(text):
-                types[current] = (m.group(1) or m.group(2)).upper()
-            elif level in (WARN, ERROR):
-                errors.append(text.strip().removeprefix("llama_model_quantize: "))
-
-        def run(out: Path) -> None:
-            with capture_log(on_line):
-                rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
-            if rc != 0 or not (dry_run or out.is_file()):
-                detail = next((e for e in reversed(errors) if e), "no message")
-                hint = ("quantize from the F16 (or BF16) file instead" if "requantizing" in detail
-                        else "check that the input is a complete GGUF from `moeprep convert`")
-                raise QuantizeError(f"llama.cpp could not quantize {src.name} to {name}: {detail}", hint)
-
-        if dry_run:
-            run(dst)  # llama.cpp opens no output in a dry run
-        else:
-            with write_aside(dst, planned_size(src.stat().st_size // 2, name), before_rename) as tmp:
-                run(tmp)
-    del keep  # only now may the arrays llama.cpp read from go
-    return types
+def quantize_file(src: Path, plan: QuantPlan, *, nthread: int = 0, dry_run: bool = False,
+                  status: Status = quiet) -> Outcome[list]:
+    """`moeprep quantize`: the plan's outputs beside `src`, recorded in its manifest if it has one. The outcome's
+    result is the list of Artifacts, made or kept; with `dry_run`, the list of Sized that llama.cpp's dry run
+    gives, and nothing is written."""
+    src = Path(src)
+    imatrix = plan.imatrix.file if plan.imatrix else None
+    if imatrix is not None and not Path(imatrix).is_file():
+        raise MoeprepError(f"importance matrix {imatrix} not found", "compute one with `moeprep imatrix`")
+    report = probe(src)  # refuse a missing, truncated or non-GGUF input with a clear message
+    loaded = imatrix_file.load(imatrix) if imatrix else None  # a bad imatrix is refused before any work
+    out = src.parent
+    manifest = mf.load_or_none(out)
+    outcome: Outcome[list] = Outcome(Stage.QUANTIZE, result=[], notes=list(plan.notes))
+    targets = list(plan.targets)
+    own = manifest.artifact_at(src.name) if manifest else None
+    for t in [t for t in targets if (own is not None and t.label == own.quant) or plan.path(t) == src.name]:
+        outcome.notes.append(f"{t.label} is the input file itself; nothing to quantize")
+        targets.remove(t)
+    outcome.notes += _rule_notes(src, targets)
+    if dry_run:
+        outcome.result = [_sized(src, out / plan.path(t), t, nthread, loaded) for t in targets]
+        return outcome
+    check_free_space(out, sum(quants.planned_size(report.n_params, t.label) for t in targets), "the quants")
+    src_sha256 = sha256_file(src)
+    imatrix_sha256 = sha256_file(imatrix) if imatrix else None
+    made: list[Artifact] = []
+    outcome.result = made
+    for t in targets:
+        dst = out / plan.path(t)
+        settings = plan.settings(t, imatrix_sha256)
+        if manifest and (kept := manifest.artifact(t.label)) and up_to_date(out, kept, src_sha256, settings):
+            made.append(kept)
+            outcome.kept.append(dst.name)
+            continue
+        status(f"quantizing {src.name} to {t.label}")
+        quantizer.quantize(src, dst, t.ftype, nthread, imatrix=loaded, rules=t.rules,
+                           before_rename=recorder(out, dst, manifest, made, t.label, "quantize", src_sha256, settings))
+        outcome.made.append(dst.name)
+    if manifest is not None:
+        plan_stage.stage(out, manifest, status=status)
+    return outcome
 
 
-def _point_at(params, imatrix, rules: list) -> list:
-    """Set params.imatrix, .kv_overrides and .tt_overrides to NULL-terminated C arrays, as llama-quantize does
-    (tools/quantize/quantize.cpp, main); returns everything they point into, for the caller to keep alive."""
-    import numpy as np
-    from gguf import GGMLQuantizationType
-    from llama_cpp import llama_cpp as lib
-
-    keep: list = []
-
-    def array(kind, n: int):
-        arr = (kind * (n + 1))()  # zero-filled: the last element is the terminator (NULL name, pattern or key)
-        keep.append(arr)
-        return arr
-
-    if imatrix is not None:
-        entries = array(lib.llama_model_imatrix_data, len(imatrix.entries))
-        for slot, (tensor, values) in zip(entries, imatrix.entries.items()):
-            values = np.ascontiguousarray(values, dtype=np.float32)
-            key = tensor.encode()
-            keep += [values, key]
-            slot.name, slot.size = key, values.size
-            slot.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        params.imatrix = ctypes.cast(entries, ctypes.POINTER(lib.llama_model_imatrix_data))
-        kv = _imatrix_metadata(imatrix)
-        overrides = array(lib.llama_model_kv_override, len(kv))
-        for slot, (key, value) in zip(overrides, kv):
-            slot.key = key.encode()
-            if isinstance(value, int):
-                slot.tag, slot.value.val_i64 = lib.LLAMA_KV_OVERRIDE_TYPE_INT, value
-            else:
-                slot.tag, slot.value.val_str = lib.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127]
-        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(lib.llama_model_kv_override))
-    if rules:
-        table = array(lib.llama_model_tensor_override, len(rules))
-        for slot, rule in zip(table, rules):
-            pattern = rule.pattern.encode()
-            keep.append(pattern)
-            slot.pattern, slot.type = pattern, GGMLQuantizationType[rule.type].value
-        params.tt_overrides = ctypes.cast(table, ctypes.POINTER(lib.llama_model_tensor_override))
-    return keep
+def _rule_notes(path: Path, targets: list[Target]) -> list[str]:
+    if not any(t.rules for t in targets):
+        return []
+    tensors = [(t.name, len(t.shape)) for t in read(path).tensors]
+    return quants.notes(targets, tensors, path.name)
 
 
-def _imatrix_metadata(imatrix) -> list[tuple[str, str | int]]:
-    """The keys llama-quantize writes with an imatrix, so readers of the GGUF can tell; names, not local paths."""
-    kv: list[tuple[str, str | int]] = [("quantize.imatrix.file", imatrix.file)]
-    kv += [("quantize.imatrix.dataset", Path(imatrix.datasets[0]).name)] if imatrix.datasets else []
-    kv += [("quantize.imatrix.entries_count", len(imatrix.entries))]
-    kv += [("quantize.imatrix.chunks_count", imatrix.chunk_count)] if imatrix.chunk_count > 0 else []
-    return kv
-
-
-@dataclass
-class Sized:
-    """One output as a dry run sizes it: llama.cpp chose each tensor's type, ggml's block sizes give the bytes."""
-
-    file: str
-    quant: str
-    ftype: str
-    mix: str | None
-    tensor_types: list[str]
-    bytes: int  # the whole file: header and every tensor, padded as llama.cpp pads them
-    bits_per_weight: float
-    by_type: dict[str, int] = field(default_factory=dict)  # ggml type -> tensor bytes of that type
-
-
-def size(src: Path, types: dict[str, str], imatrix=None) -> tuple[int, float, dict[str, int]]:
-    """The file llama.cpp would write with these tensor types: (bytes, bits per weight, bytes per type)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    from moeprep.ggufio.probe import read
-
-    reader = read(src)
-    align = reader.alignment
-    # the input's header (metadata and tensor infos keep their sizes), plus any imatrix keys, padded
-    header = max((t.field.offset + sum(p.nbytes for p in t.field.parts) for t in reader.tensors),
-                 default=reader.data_offset)
-    for key, value in _imatrix_metadata(imatrix) if imatrix is not None else []:  # a u32 or a string each
-        header += 8 + len(key) + 4 + (4 if isinstance(value, int) else 8 + len(value.encode()[:127]))
-    total, weights, n, by_type = -(-header // align) * align, 0, 0, {}
-    for t in reader.tensors:
-        kind = types.get(t.name, t.tensor_type.name)
-        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
-        nbytes = int(t.n_elements) // block * block_bytes
-        total += -(-nbytes // align) * align
-        weights, n = weights + nbytes, n + int(t.n_elements)
-        by_type[kind] = by_type.get(kind, 0) + nbytes
-    return total, weights * 8 / max(n, 1), dict(sorted(by_type.items(), key=lambda kv: -kv[1]))
-
-
-def size_lines(rows: list[Sized]) -> list[str]:
-    lines = []
-    for r in rows:
-        made_as = r.ftype + (f" + {len(r.tensor_types)} rule{'s' * (len(r.tensor_types) != 1)}" if r.tensor_types else "")
-        label = r.quant if r.quant == made_as else f"{r.quant} ({made_as})"
-        lines.append(f"{r.file}: {label}, {human_bytes(r.bytes)}, {r.bits_per_weight:.2f} bits per weight")
-        lines.append("  " + ", ".join(f"{kind} {human_bytes(n)}" for kind, n in r.by_type.items()))
-    return lines + ["sizes from llama.cpp's dry run; nothing written"]
+def _sized(src: Path, dst: Path, t: Target, nthread: int, imatrix) -> Sized:
+    types = quantizer.quantize(src, dst, t.ftype, nthread, imatrix=imatrix, rules=t.rules, dry_run=True)
+    total, bits, by_type = quantizer.size(src, types, imatrix)
+    return Sized(dst.name, t.label, t.ftype, t.mix, [str(r) for r in t.rules], total, bits, by_type)

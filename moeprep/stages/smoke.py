@@ -11,34 +11,28 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import closing, contextmanager
-from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 from moeprep import hardware as gpu
 from moeprep import placement as placements_
 from moeprep.errors import MoeprepError
 from moeprep.files import human_bytes, matches, sha256_file
 from moeprep.ggufio.probe import expected_overrides, probe
-from moeprep.llama.lib import (
-    ContextParams,
-    loaded_model,
-    new_context,
-    session,
-    tokenize,
-)
+from moeprep.llama.build import backends, devices
+from moeprep.llama.context import ContextParams, session
+from moeprep.llama.evaluate import chunking
 from moeprep.llama.log import LoadLog, parse_log
+from moeprep.llama.sizing import read_simulation, simulate_context
 from moeprep.placement import Placement
-from moeprep.quality import scoring as _quality  # run() has a parameter named quality
 from moeprep.quality import scoring as quality
 from moeprep.records import manifest as mf
-from moeprep.records.outcome import Outcome, Status, quiet
+from moeprep.records.outcome import Outcome, Stage, Status, quiet
 from moeprep.records.results import (
     FileResult,
+    FlashAttn,
     PlacementResult,
-    Quality,
     Runtime,
     SmokeReport,
     SmokeSettings,
@@ -47,6 +41,8 @@ from moeprep.records.results import (
     Vram,
 )
 from moeprep.shell import hint
+from moeprep.stages.measure import context_params, quality_of, reference_for, resolved
+from moeprep.tools import versions
 
 
 def runtime(log: LoadLog, params: ContextParams) -> Runtime:
@@ -55,14 +51,8 @@ def runtime(log: LoadLog, params: ContextParams) -> Runtime:
         return int(value) if value.isdigit() else None
 
     return Runtime(params.threads, params.threads, number("n_ctx"), number("n_batch"), number("n_ubatch"),
-                   log.context.get("flash_attn"), log.flash_attn_used, n_seq_max=number("n_seq_max"),
+                   FlashAttn.parse(fa) if (fa := log.context.get("flash_attn")) else None, log.flash_attn_used, n_seq_max=number("n_seq_max"),
                    kv_unified={"true": True, "false": False}.get(log.context.get("kv_unified", "")))
-
-
-def context_params(settings: SmokeSettings, n_ctx: int | None = None) -> ContextParams:
-    """llama-server's context, with the settings' size, batches, threads and flash attention."""
-    return ContextParams(n_ctx=n_ctx or settings.ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
-                         threads=settings.threads or gpu.physical_cores(), flash_attn=settings.flash_attn)
 
 
 def run_placement(path: Path, placement: Placement, expected: list[str], settings: SmokeSettings,
@@ -104,7 +94,7 @@ def run_placement(path: Path, placement: Placement, expected: list[str], setting
         vram = Vram(METHODS["vram"], Statistic.of([before]), Statistic.of([after[0]]),
                     Statistic.of([p[0] for p in peaks]), Statistic.of([after[1]]), Statistic.of([p[1] for p in peaks]))
     return PlacementResult(
-        placement=placement.name,
+        placement=placement,
         patterns=placement.patterns,
         overridden=log.overridden,
         overrides_match_probe=moved == sorted(expected),
@@ -128,108 +118,6 @@ def run_placement(path: Path, placement: Placement, expected: list[str], setting
 
 def _rate(n: int, ms: float) -> float | None:
     return n / (ms / 1000) if n and ms > 0 else None
-
-
-@contextmanager
-def _eval_context(path: Path, settings: SmokeSettings, chunks: quality.Chunking) -> Iterator[tuple[object, object]]:
-    """(context, vocab) for `path` as llama-perplexity creates them for `chunks`: every layer offloaded, one
-    sequence per chunk decoded together, n_ctx = n_seq * ctx, its n_batch and n_ubatch, the smoke's threads and
-    flash attention, a sliding-window cache no larger than the window (common's default)."""
-    import llama_cpp as ll
-
-    params = ContextParams(n_ctx=chunks.n_ctx, n_batch=chunks.n_batch, n_ubatch=chunks.n_ubatch, n_seq_max=chunks.n_seq,
-                           kv_unified=False, threads=settings.threads or gpu.physical_cores(),
-                           flash_attn=settings.flash_attn)
-    with loaded_model(path, what="load to measure the quality of") as model, \
-            new_context(model, params, what=f"make (for {path.name}'s quality)") as ctx:
-        yield ctx, ll.llama_model_get_vocab(model)
-
-
-def chunk_logits(ctx, vocab, tokens: list[int], chunks: quality.Chunking, n_chunk: int) -> Iterator[object]:
-    """The logits llama-perplexity scores, one [scored, vocab] float32 array per chunk, in order. An array
-    may be a view of llama.cpp's own buffer: it is valid until the next one is asked for.
-
-    As perplexity() and kl_divergence() do: n_seq chunks per step from a cleared KV cache, each its own
-    sequence; the first token of each chunk replaced by BOS where the vocabulary adds one; outputs asked for
-    at positions from ctx/2 on; a chunk longer than n_batch takes several decodes.
-    """
-    import llama_cpp as ll
-    import numpy as np
-
-    c = chunks
-    n_vocab = ll.llama_vocab_n_tokens(vocab)
-    bos = ll.llama_vocab_bos(vocab) if ll.llama_vocab_get_add_bos(vocab) else None
-    steps = -(-c.ctx // c.n_batch)
-    memory = ll.llama_get_memory(ctx)
-    batch = ll.llama_batch_init(c.n_batch, 0, c.n_seq)
-    try:
-        for i in range(0, n_chunk, c.n_seq):
-            group = min(c.n_seq, n_chunk - i)
-            ll.llama_memory_clear(memory, True)
-            outputs: list[list] = [[] for _ in range(group)]
-            for j in range(steps):
-                begin = j * c.n_batch
-                size = min(c.ctx - begin, c.n_batch)
-                n = 0
-                for seq in range(group):
-                    start = (i + seq) * c.ctx + begin
-                    for k in range(size):
-                        batch.token[n] = bos if bos is not None and j == 0 and k == 0 else tokens[start + k]
-                        batch.pos[n] = begin + k
-                        batch.n_seq_id[n] = 1
-                        batch.seq_id[n][0] = seq
-                        batch.logits[n] = begin + k >= c.first
-                        n += 1
-                batch.n_tokens = n
-                if (rc := ll.llama_decode(ctx, batch)) != 0:
-                    raise MoeprepError(f"llama.cpp failed to decode chunk {i + 1} of the evaluation text (code {rc})",
-                                       "lower --quality-ctx or --batch")
-                wanted = max(0, begin + size - max(begin, c.first))  # outputs per sequence in this decode
-                if wanted:
-                    rows = np.ctypeslib.as_array(ll.llama_get_logits(ctx), shape=(group * wanted, n_vocab))
-                    for seq in range(group):  # one decode per chunk: no copy, the next decode comes later
-                        part = rows[seq * wanted:(seq + 1) * wanted]
-                        outputs[seq].append(part if steps == 1 else part.copy())
-            for seq in range(group):
-                yield (outputs[seq][0] if steps == 1 else np.concatenate(outputs[seq]))[: c.scored]
-    finally:
-        ll.llama_batch_free(batch)
-
-
-def reference_for(path: Path, sha256: str | None, settings: SmokeSettings,
-                  text: quality.EvalText | None = None) -> quality.Reference:
-    """The F16 over the evaluation text (kept as llama-perplexity --kl-divergence-base keeps it) and its greedy
-    output on the prompt."""
-    import llama_cpp as ll
-
-    text = text or quality.eval_text()
-    chunks = quality.chunking(settings.quality_ctx, settings.n_batch, settings.n_ubatch)
-    with _eval_context(path, settings, chunks) as (ctx, vocab):
-        tokens = tokenize(vocab, text.data)
-        n_chunk = quality.n_chunks(len(tokens), chunks.ctx, settings.quality_chunks, text.name)
-        with closing(chunk_logits(ctx, vocab, tokens, chunks, n_chunk)) as logits:
-            ref = quality.build_reference(path.name, sha256, text, tokens, chunks, n_chunk,
-                                          ll.llama_vocab_n_tokens(vocab), logits)
-    ref.greedy_tokens = greedy(path, settings)
-    return ref
-
-
-def greedy(path: Path, settings: SmokeSettings) -> list[int]:
-    """Greedy output on the smoke prompt, every layer offloaded: what the collapse check compares."""
-    with session(path, [], context_params(settings), []) as s:
-        return s.generate(s.tokenize(settings.prompt.encode()), settings.new_tokens).tokens
-
-
-def quality_of(path: Path, reference: quality.Reference, settings: SmokeSettings) -> Quality:
-    """`path` scored against the F16 over the reference's chunks, as llama-perplexity --kl-divergence does."""
-    import llama_cpp as ll
-
-    with _eval_context(path, settings, reference.chunking) as (ctx, vocab):
-        if (n_vocab := ll.llama_vocab_n_tokens(vocab)) != reference.n_vocab:
-            raise MoeprepError(f"{path.name} has a vocabulary of {n_vocab} tokens, the reference {reference.path} "
-                               f"{reference.n_vocab}", "compare files made from the same model")
-        with closing(chunk_logits(ctx, vocab, reference.tokens, reference.chunking, reference.chunks)) as logits:
-            return quality.compare(reference, logits)
 
 
 @dataclass
@@ -261,7 +149,7 @@ def smoke_file(target: Target, settings: SmokeSettings, nvml: gpu.Nvml | None,
         status(f"smoke {target.path.name}: perplexity and KL divergence against {reference.path} over "
                f"{reference.chunks} chunks of {reference.chunking.ctx} tokens of {reference.text.name}"
                + (" (scored in the reference's own pass)" if same else ""))
-        result.quality = reference.own if same else quality_of(target.path, reference, settings)
+        result.quality = (reference.own if same else None) or quality_of(target.path, reference, settings)
         if not result.quality.finite:
             result.failures.append("NaN or inf in the logits")
         first = result.placements[names[0]].greedy_tokens
@@ -295,8 +183,6 @@ def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path 
     The outcome's `result` is the SmokeReport of what was measured now (None if nothing was).
     """
     target = Path(target)
-    from moeprep.llama.lib import backends, devices
-    from moeprep.tools import versions
 
     settings, text = resolved(settings or SmokeSettings(), quality_text)
     for name in settings.placements:
@@ -304,8 +190,8 @@ def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path 
     out = target if target.is_dir() else target.parent
     manifest = mf.load(target) if target.is_dir() else mf.load_or_none(out)
     targets = _targets(target, manifest)
-    outcome = Outcome("smoke")
-    if only_stale and manifest and manifest.smoke and manifest.smoke.settings == settings:
+    outcome: Outcome[SmokeReport] = Outcome(Stage.SMOKE)
+    if only_stale and manifest and manifest.smoke and manifest.smoke.settings.key() == settings.key():
         current = {t.path.name for t in targets if (a := manifest.artifact_at(t.path.name))
                    and manifest.smoke_result(a) is not None}
         outcome.kept = sorted(current)
@@ -324,7 +210,7 @@ def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path 
     nvml, nvml_status = gpu.nvml()
     backend = backends([d for d in devices() if d["type"] != "CPU"]) or ["CPU"]
     report = SmokeReport(
-        measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
         backend="+".join(backend),
         nvml=nvml_status,
         hardware=gpu.hardware(nvml),
@@ -360,15 +246,13 @@ def check_bounds(settings: SmokeSettings, report, path: Path, *, quality: bool) 
     if settings.threads and settings.threads > cpus:
         raise MoeprepError(f"--threads {settings.threads} is more than the {cpus} CPUs this machine has",
                            f"give --threads {cpus} or less, or leave it out for one per physical core")
-    from moeprep.llama.lib import devices, simulate_context
-    from moeprep.predict.plan import read_simulation
 
     if any(d["type"] in ("GPU", "IGPU") for d in devices()):
         return  # the caches go to the GPU, and llama.cpp refuses what does not fit there with its own reason
     available = gpu.available_memory()
     contexts = [context_params(settings)]
     if quality:
-        chunks = _quality.chunking(settings.quality_ctx, settings.n_batch, settings.n_ubatch)
+        chunks = chunking(settings.quality_ctx, settings.n_batch, settings.n_ubatch)
         contexts.append(ContextParams(n_ctx=chunks.n_ctx, n_batch=chunks.n_batch, n_ubatch=chunks.n_ubatch,
                                       n_seq_max=chunks.n_seq, kv_unified=False, threads=1))
     for params in contexts:
@@ -378,13 +262,6 @@ def check_bounds(settings: SmokeSettings, report, path: Path, *, quality: bool) 
             raise MoeprepError(f"a context of {params.n_ctx} tokens for {path.name} needs {human_bytes(need)} for its "
                                f"KV cache and compute buffer, and this machine has {human_bytes(available)} available",
                                "lower --ctx, --quality-ctx or --batch")
-
-
-def resolved(settings: SmokeSettings, quality_text: Path | None = None) -> tuple[SmokeSettings, _quality.EvalText]:
-    """The settings as recorded (threads resolved; the evaluation text's name and sha256) and the text itself."""
-    text = _quality.eval_text(quality_text)
-    return replace(settings, threads=settings.threads or gpu.physical_cores(), quality_text=text.name,
-                   quality_text_sha256=text.sha256), text
 
 
 def _reference_sha256(reference: Path, manifest: mf.Manifest | None, out: Path) -> str:
@@ -405,9 +282,9 @@ def _check_others_kept(manifest: mf.Manifest | None, report: SmokeReport, smokin
     others' results, so it is refused."""
     old = manifest.smoke if manifest else None
     others = sorted(name for name in (old.artifacts if old else {}) if name not in smoking)
-    if not others or (old.settings == report.settings and old.machine() == report.machine()):
+    if old is None or not others or (old.settings.key() == report.settings.key() and old.machine() == report.machine()):
         return
-    why = "other settings" if old.settings != report.settings else "another machine"
+    why = "other settings" if old.settings.key() != report.settings.key() else "another machine"
     raise MoeprepError(f"{out / mf.FILENAME} holds results for {', '.join(others[:3])}{' …' if len(others) > 3 else ''} "
                        f"measured with {why}; smoking only {', '.join(sorted(smoking))} would drop them",
                        f"smoke the whole directory ({hint('moeprep', 'smoke', out)}), or use the settings "

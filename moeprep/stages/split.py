@@ -10,7 +10,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import gguf
+
 from moeprep import progress
+from moeprep.files import make_dirs, remove, sha256_file
+from moeprep.records import manifest as mf
+from moeprep.records.manifest import Artifact, Shard
+from moeprep.records.outcome import Outcome, Stage, Status, quiet
 
 
 def split(src: Path, out_dir: Path, max_bytes: int, before_rename=None, *, root: Path) -> list[Path]:
@@ -19,10 +25,6 @@ def split(src: Path, out_dir: Path, max_bytes: int, before_rename=None, *, root:
     `before_rename(shards)` sees the complete shards in the work folder before the folder takes its name,
     so they can be recorded first: a kill never leaves final-named shards the manifest does not list.
     """
-    import gguf
-
-    from moeprep.files import make_dirs, remove
-
     reader = gguf.GGUFReader(src, "r")
     arch = str(reader.fields["general.architecture"].contents())
     work = out_dir.with_name(out_dir.name + ".partial")
@@ -53,16 +55,14 @@ def split(src: Path, out_dir: Path, max_bytes: int, before_rename=None, *, root:
     return [out_dir / p.name for p in shards]
 
 
-def shard_artifacts(out: Path, manifest, max_bytes: int, *, dry_run: bool = False, status=lambda line: None) -> list[str]:
-    """Split every artifact larger than `max_bytes` with llama.cpp's shard naming; record the shards.
+def stage(out: Path, max_bytes: int, *, dry_run: bool = False, status: Status = quiet) -> Outcome[mf.Manifest]:
+    """Split every artifact larger than `max_bytes` with llama.cpp's shard naming, and record the shards.
 
-    Shards already made from the same bytes at the same size limit are kept. Returns notes for the user.
+    Shards already made from the same bytes at the same size limit are kept; an artifact that fits now loses its
+    shards' record. The outcome's result is the manifest as saved.
     """
-    from moeprep.files import sha256_file
-    from moeprep.records import manifest as mf
-    from moeprep.records.manifest import Shard
-
-    notes = []
+    manifest = mf.load(out)
+    outcome: Outcome[mf.Manifest] = Outcome(Stage.SPLIT, result=manifest)
     for a in manifest.artifacts:
         if a.size <= max_bytes:
             if a.shards:
@@ -70,22 +70,24 @@ def shard_artifacts(out: Path, manifest, max_bytes: int, *, dry_run: bool = Fals
                 mf.save(out, manifest)
             continue
         if _current(out, a, max_bytes):
+            outcome.kept += [s.path for s in a.shards]
             continue
         if dry_run:
-            notes.append(f"{a.path} would be split into shards of at most {max_bytes} bytes of tensor data")
+            outcome.notes.append(f"{a.path} would be split into shards of at most {max_bytes} bytes of tensor data")
             continue
         status(f"splitting {a.path} into shards of at most {max_bytes} bytes")
 
-        def record(work: list[Path], a=a) -> None:
+        def record(work: list[Path], a: Artifact = a) -> None:
             a.shards = [Shard(f"{a.quant}/{p.name}", p.stat().st_size, sha256_file(p), a.sha256, max_bytes,
                               p.stat().st_mtime_ns) for p in work]
             mf.save(out, manifest)
 
         split(out / a.path, out / a.quant, max_bytes, before_rename=record, root=out)
-    return notes
+        outcome.made += [s.path for s in a.shards]
+    return outcome
 
 
-def _current(out: Path, a, max_bytes: int) -> bool:
+def _current(out: Path, a: Artifact, max_bytes: int) -> bool:
     return bool(a.shards) and all(
         s.made_from == a.sha256 and s.max_bytes == max_bytes and (out / s.path).is_file()
         and (out / s.path).stat().st_size == s.size for s in a.shards)
