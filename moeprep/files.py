@@ -85,14 +85,19 @@ def inside(root: Path, path: Path) -> Path:
 
 
 def _own_file(path: Path) -> None:
-    """Create `path` as a new, empty regular file of moeprep's (removing a leftover of that name, which is never
-    followed: a symbolic link is removed, not its target)."""
-    if os.path.lexists(path):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
+    """Create `path` as a new, empty regular file of moeprep's, removing a leftover of that name first. The name is
+    unlinked, never followed or written: a symbolic link goes, not its target; a hard link goes, and the other name
+    keeps its bytes. A directory there is not moeprep's leftover (moeprep never makes one of that name): refused."""
+    _unlink_leftover(path)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+
+
+def _unlink_leftover(path: Path) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise MoeprepError(f"{path} is a directory, where moeprep keeps a file of its own",
+                           "move it away, or write into another directory")
+    if os.path.lexists(path):
+        os.unlink(path)
 
 
 @contextmanager
@@ -165,7 +170,8 @@ def open_log(path: Path, *, root: Path) -> IO[str]:
     """A log file inside `root` for a child process to write into, never through a planted link."""
     inside(root, path)
     make_dirs(root, path.parent)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    _unlink_leftover(path)  # a new file each run: an old one may be a FIFO, or linked to a file elsewhere
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     return os.fdopen(fd, "w", encoding="utf-8")
 
 

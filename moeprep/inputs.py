@@ -84,7 +84,16 @@ class _NoAliases(yaml.SafeLoader):
 
     def compose_mapping_node(self, anchor):
         self._no_anchor(anchor)
-        return super().compose_mapping_node(anchor)
+        node = super().compose_mapping_node(anchor)
+        seen = set()
+        for key, _ in node.value:  # YAML keeps the last of two equal keys: a typo would silently win or lose
+            if key.tag == "tag:yaml.org,2002:merge":
+                raise yaml.composer.ComposerError(None, None, "merge keys (<<) are not allowed here", key.start_mark)
+            if key.value in seen:
+                raise yaml.composer.ComposerError(None, None, f"the key {short(key.value)} is given twice",
+                                                  key.start_mark)
+            seen.add(key.value)
+        return node
 
     def _no_anchor(self, anchor) -> None:
         if anchor is not None:

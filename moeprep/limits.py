@@ -15,5 +15,6 @@ MAX_SIZE = 2**50  # bytes in any size a user writes (1 PiB)
 MAX_EVAL_TEXT = 64 * 2**20  # an evaluation text for quality (moeprep's own is 49 KB)
 MAX_CALIBRATION_TEXT = 1024 * 2**20  # a calibration text for llama-imatrix
 MAX_TEMPLATE = 1 * 2**20  # a card template
+MAX_IMATRIX = 16 * 2**30  # an importance matrix (a 1T-parameter MoE's is a few GB)
 MAX_CARD = 16 * 2**20  # a card to lint
 MAX_CONFIG = 16 * 2**20  # a model's config.json or README.md

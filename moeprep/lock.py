@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,13 +28,23 @@ def locked(out: Path, what: str = "moeprep") -> Iterator[None]:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        # O_NOFOLLOW: a link planted under the lock's name would make the holder's pid line overwrite its target
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        # O_NOFOLLOW: a link planted under the lock's name would make the holder's pid line overwrite its target;
+        # O_NONBLOCK: a FIFO there must not hang the command
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise MoeprepError(f"{out / LOCK} is a symbolic link, which moeprep did not make and will not write "
                                "through", f"remove it, or write into another directory than {out}") from None
+        if e.errno == errno.EISDIR:
+            raise MoeprepError(f"{out / LOCK} is a directory, where moeprep keeps its lock file",
+                               f"remove it, or write into another directory than {out}") from None
         raise MoeprepError(f"cannot write into {out} ({e.strerror})", "choose another output directory") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(info.st_mode) else "a hard link to another file"
+        raise MoeprepError(f"{out / LOCK} is {what}, which moeprep did not make and will not write into",
+                           f"remove it, or write into another directory than {out}")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic_core import core_schema
 
 from moeprep.errors import MoeprepError
+from moeprep.inputs import short
 
 # llama.cpp's --cpu-moe override; searched anywhere in a tensor name, so `.bias` matches too.
 CPU_MOE_PATTERN = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
@@ -82,14 +83,14 @@ def parse(text: str, block_count: int | None = None) -> Placement:
     if m := _N_CPU_MOE.fullmatch(text):
         n = int(m.group(1))
         if n < 1:
-            raise MoeprepError(f"placement {text!r}: N must be at least 1", "use gpu for no expert offload")
+            raise MoeprepError(f"placement {short(text)}: N must be at least 1", "use gpu for no expert offload")
         limit = block_count if block_count is not None else MAX_BLOCKS
         if n > limit:
             what = f"the model has {block_count} blocks" if block_count is not None else f"no model has over {MAX_BLOCKS} blocks"
-            raise MoeprepError(f"placement {text!r}: N is larger than the block count ({what})",
+            raise MoeprepError(f"placement {short(text)}: N is larger than the block count ({what})",
                                f"use n-cpu-moe=1..{limit}, or cpu-moe for every block")
         return Placement(f"n-cpu-moe={n}")
-    raise MoeprepError(f"unknown placement {text!r}", "use gpu, cpu-moe or n-cpu-moe=N")
+    raise MoeprepError(f"unknown placement {short(text)}", "use gpu, cpu-moe or n-cpu-moe=N")
 
 
 # A bound for placements parsed before the model is known (CLI, recipes); the largest released MoE

@@ -20,6 +20,7 @@ from pathlib import Path
 from gguf import GGMLQuantizationType, LlamaFileType
 
 from moeprep.errors import MoeprepError
+from moeprep.inputs import short
 from moeprep.llama.build import file_types
 from moeprep.records.manifest import ArtifactSettings
 
@@ -70,7 +71,7 @@ def check_types(names: list[str] | tuple[str, ...], allow_imatrix: bool = False)
     for raw in names:
         name = raw.upper()
         if name not in known:
-            raise QuantizeError(f"unknown quant type {raw!r}", f"choose from {', '.join(known)}")
+            raise QuantizeError(f"unknown quant type {short(raw)}", f"choose from {', '.join(known)}")
         if name in NEEDS_IMATRIX and not allow_imatrix:
             raise QuantizeError(
                 f"{name} needs an importance matrix, and llama.cpp refuses it without one",
@@ -152,7 +153,7 @@ MIXES = {mix.name: mix for mix in (
 def get(name: str) -> Mix:
     mix = MIXES.get(name.lower())
     if mix is None:
-        raise MoeprepError(f"unknown mix {name!r}", f"moeprep ships {', '.join(MIXES)}")
+        raise MoeprepError(f"unknown mix {short(name)}", f"moeprep ships {', '.join(MIXES)}")
     return mix
 
 
@@ -160,11 +161,11 @@ def parse(text: str) -> Rule:
     """`PATTERN=TYPE` as llama-quantize's --tensor-type takes it; the type is checked here, the pattern compiled."""
     pattern, sep, name = str(text).rpartition("=")  # a type never holds '=', a pattern may
     if not sep or not pattern or not name:
-        raise MoeprepError(f"tensor-type rule {text!r} is not PATTERN=TYPE", EXAMPLE)
+        raise MoeprepError(f"tensor-type rule {short(text)} is not PATTERN=TYPE", EXAMPLE)
     try:
         re.compile(pattern)
     except re.error as e:
-        raise MoeprepError(f"tensor-type rule {text!r}: bad pattern ({e})",
+        raise MoeprepError(f"tensor-type rule {short(text)}: bad pattern ({e})",
                            f"PATTERN is a regular expression searched in each tensor name, {EXAMPLE}") from None
     kind = name.upper()
     if kind not in TENSOR_TYPES:
@@ -173,8 +174,8 @@ def parse(text: str) -> Rule:
         elif kind in GGMLQuantizationType.__members__:
             why = f"llama.cpp does not quantize to {kind}"
         else:
-            why = f"unknown tensor type {name!r}"
-        raise MoeprepError(f"tensor-type rule {text!r}: {why}", f"tensor types: {', '.join(TENSOR_TYPES)}")
+            why = f"unknown tensor type {short(name)}"
+        raise MoeprepError(f"tensor-type rule {short(text)}: {why}", f"tensor types: {', '.join(TENSOR_TYPES)}")
     return Rule(pattern, kind)
 
 

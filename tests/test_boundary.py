@@ -58,8 +58,12 @@ def test_imatrix_out_never_replaces_a_listed_file(world, name):
     d, victim = world
     line = run_refused(["imatrix", str(d / "tiny-phimoe-F16.gguf"), "--text", str(TEXT), "--out", str(d / name)],
                        d, victim)
-    assert line == (f"Error: {d / name} is a file the manifest lists, and this would replace it (write to another "
-                    "name; moeprep replaces a listed file only when making it again)")
+    if name.endswith(".gguf"):
+        assert line == (f"Error: {d / name} is a file the manifest lists, and this would replace it (write to another "
+                         "name; moeprep replaces a listed file only when making it again)")
+    else:  # not even a GGUF name: refused before the listing is read
+        assert line.startswith("Error: --out ") and line.endswith("is not a .gguf file name (name the importance "
+                                                                   "matrix NAME.gguf)")
     mf.load(d)  # still a manifest
 
 

@@ -68,6 +68,9 @@ def _rendered_again(m: Manifest, name: str, text: str, template: Path | None) ->
     record = m.card
     if record is None:
         return None, "the manifest records no card rendered from it: render it with `moeprep card DIR`"
+    if record.template and not record.template_sha256:  # a path alone proves nothing: any file could be read
+        return None, (f"the manifest names the card template {short(record.template)} without its sha256, so the "
+                      "card cannot be checked against it: render the card again with `moeprep card`")
     template = Path(template) if template else Path(record.template) if record.template else None
     if record.template_sha256:
         if template is None:
@@ -188,7 +191,25 @@ def compare(expected: str, actual: str) -> list[str]:
             problems.append(f"line {g.line}: {what}")
         for w in want[w0:w1]:
             problems.append(f"{w.describe()} is missing (it belongs under {w.where!r})")
+    if not problems and (difference := _first_line_difference(expected, actual)):
+        # what the blocks above do not show still renders, or hides in the source: a quote or list around a
+        # block, a column's alignment, a link reference, a cell past the header, a key given twice, a hard break
+        problems.append(difference)
     return problems
+
+
+def _first_line_difference(expected: str, actual: str) -> str | None:
+    """The first line that differs, blank lines aside (a reader does not see how many separate two blocks)."""
+    want = [(n, line) for n, line in enumerate(expected.splitlines(), 1) if line.strip()]
+    got = [(n, line) for n, line in enumerate(actual.splitlines(), 1) if line.strip()]
+    for (_, w), (n, g) in zip(want, got, strict=False):
+        if w != g:
+            return f"line {n} is {short(g, 90)}; the manifest gives {short(w, 90)}"
+    if len(got) > len(want):
+        return f"line {got[len(want)][0]}: {short(got[len(want)][1], 90)}, which the manifest does not give"
+    if len(got) < len(want):
+        return f"the card ends before {short(want[len(got)][1], 90)}, which the manifest gives next"
+    return None
 
 
 def _differ(want: Block, got: Block) -> list[str]:

@@ -20,6 +20,8 @@ from moeprep.card import sourcecard
 from moeprep.card.layout import RepoCard
 from moeprep.errors import MoeprepError
 from moeprep.files import human_bytes
+from moeprep.inputs import read_text
+from moeprep.limits import MAX_TEMPLATE
 from moeprep.predict.plan import CARD_CTX, from_record
 from moeprep.predict.tiers import cell_text, from_manifest
 from moeprep.quality.scoring import METHODS
@@ -341,9 +343,8 @@ def _imatrix_line(m: Manifest) -> str:
 def render(m: Manifest, repo: RepoCard, record: CardRecord, template: Path | None = None) -> str:
     """The card for `repo`: the manifest and its card record through the template (moeprep's own unless given)."""
     template = Path(template) if template else shipped()
-    if not template.is_file():
-        raise MoeprepError(f"card template {template} not found", "pass --template PATH, or reinstall moeprep")
+    source = read_text(template, MAX_TEMPLATE, "card template", "pass --template PATH to a UTF-8 Jinja template")
     env = SandboxedEnvironment(loader=FileSystemLoader(str(template.parent)), undefined=StrictUndefined,
                                autoescape=False, keep_trailing_newline=True)
-    body = env.get_template(template.name).render(**context(m, repo, record))
+    body = env.from_string(source).render(**context(m, repo, record))
     return re.sub(r"\n{3,}", "\n\n", body)  # template blocks leave blank runs; Markdown needs one

@@ -8,6 +8,7 @@ parsed as YAML without aliases, bounded, and only strings and lists of strings a
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import yaml
@@ -19,6 +20,13 @@ from moeprep.limits import MAX_CONFIG
 from moeprep.records.manifest import Source, SourceCard
 
 README = "README.md"
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})?")
+_URL = re.compile(r"https?://[A-Za-z0-9._~:/?#@!$&'*+,;=%-]{1,300}")  # no spaces, brackets or parentheses
+_COMMENT = re.compile(r"<!--.*?(-->|$)", re.DOTALL)
+_IMAGE = re.compile(r"!\[[^\]]*\]\([^)]*\)")
+_LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
+_TAG = re.compile(r"</?[A-Za-z][^>]*>")
 
 
 def parse(text: str) -> SourceCard:
@@ -38,16 +46,29 @@ def parse(text: str) -> SourceCard:
     paragraphs = [p.strip() for p in body.split("\n\n")
                   if p.strip() and not p.strip().startswith(("#", "|", "!", "<", "```"))]
 
-    def text_of(key: str) -> str | None:
+    def token(key: str) -> str | None:  # a Hub metadata id (license, pipeline tag): one plain token or nothing
         value = meta.get(key)
-        return str(value)[:200] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+        return value if isinstance(value, str) and _TOKEN.fullmatch(value) else None
 
+    link = meta.get("license_link")
     languages = meta.get("language")
     languages = [languages] if isinstance(languages, str) else languages if isinstance(languages, list) else []
-    return SourceCard(license=text_of("license"), license_link=text_of("license_link"),
-                      pipeline_tag=text_of("pipeline_tag"),
-                      language=[str(x)[:20] for x in languages if isinstance(x, str)][:50],
-                      description=paragraphs[0][:500] if paragraphs else "")
+    return SourceCard(license=token("license"),
+                      license_link=link if isinstance(link, str) and _URL.fullmatch(link) else None,
+                      pipeline_tag=token("pipeline_tag"),
+                      language=[x for x in languages if isinstance(x, str) and _LANGUAGE.fullmatch(x)][:50],
+                      description=plain_text(paragraphs[0])[:500] if paragraphs else "")
+
+
+def plain_text(markdown: str) -> str:
+    """A README paragraph as the words a reader sees, and nothing that renders: no HTML or comments, links as their
+    text, images dropped, Markdown's active characters escaped. Text from a model repo is data."""
+    text = _COMMENT.sub("", markdown)
+    text = _IMAGE.sub("", text)
+    text = _LINK.sub(lambda m: m.group(1), text)
+    text = _TAG.sub("", text)
+    text = " ".join(text.split())
+    return re.sub(r"([\\`\[\]<>#])", r"\\\1", text)
 
 
 def read(folder: Path, source: Source) -> SourceCard | None:

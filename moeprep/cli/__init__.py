@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,24 +17,59 @@ import click
 
 from moeprep import __version__
 from moeprep.errors import MoeprepError
+from moeprep.inputs import short
 from moeprep.lock import locked
+
+MAX_LINE = 2000  # characters of an error line: every value in it is quoted short, this bounds the rest
+
+
+def _debug(ctx: click.Context | None = None) -> bool:
+    return bool((ctx and ctx.params.get("debug")) or os.environ.get("MOEPREP_DEBUG"))
+
+
+def one_line(text: str) -> str:
+    """A message as one line: a newline or an escape in a path the user gave must not start a line of its own (one
+    that could read `Error: ...`) or drive the terminal."""
+    line = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 1] + "…"
+
+
+def _usage(e: click.UsageError) -> None:
+    where = f"moeprep {e.ctx.info_name}" if e.ctx and e.ctx.parent else "moeprep"
+    click.echo(one_line(f"Error: {e.format_message().rstrip('.')} (see `{where} --help`)"), err=True)
 
 
 class Group(click.Group):
+    def make_context(self, info_name, args, parent=None, **extra):
+        """The group's own options: an unknown one is a user error like the others, one line and exit code 1."""
+        given = list(args)  # click's parser consumes the list it is given
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:
+            if _debug() or "--debug" in given or not given:  # no arguments: click shows the help
+                raise
+            _usage(e)
+            sys.exit(1)
+
     def invoke(self, ctx: click.Context):
         previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends a run as Ctrl-C does
         try:
             return super().invoke(ctx)
         except MoeprepError as e:
-            if ctx.params.get("debug") or os.environ.get("MOEPREP_DEBUG"):
+            if _debug(ctx):
                 raise
-            click.echo(f"Error: {e.message}" + (f" ({e.hint})" if e.hint else ""), err=True)
+            click.echo(one_line(f"Error: {e.message}" + (f" ({e.hint})" if e.hint else "")), err=True)
             ctx.exit(1)
-        except click.BadParameter as e:  # a value out of its range: a user error, said on one line like the others
-            if ctx.params.get("debug") or os.environ.get("MOEPREP_DEBUG"):
+        except click.UsageError as e:  # an unknown option, a value out of its range: one line like the others
+            if _debug(ctx):
                 raise
-            where = f"moeprep {e.ctx.info_name}" if e.ctx and e.ctx.parent else "moeprep"
-            click.echo(f"Error: {e.format_message().rstrip('.')} (see `{where} --help`)", err=True)
+            _usage(e)
+            ctx.exit(1)
+        except OSError as e:  # the system refused a path the user gave (too long, not a directory, ...)
+            if _debug(ctx):
+                raise
+            where = f": {short(str(e.filename), 80)}" if e.filename else ""
+            click.echo(one_line(f"Error: {e.strerror or e}{where} (check the path; --debug shows where)"), err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted: finished outputs are kept; run the same command again to continue.", err=True)

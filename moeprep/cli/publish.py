@@ -51,6 +51,11 @@ def card(directory, repo_id, layout, template, max_shard, quantized_by, base_mod
         raise MoeprepError("no output directory given", "moeprep card DIR, or moeprep card --check FILE")
     if and_push and not repo_id:
         raise MoeprepError("--push needs --repo-id ORG/NAME", "name the Hub repo to push to")
+    from moeprep.hub.errors import check_repo_id
+
+    for given in (repo_id, base_model):  # both are written into the card: nothing else may ride along
+        if given is not None:
+            check_repo_id(given)
     from moeprep.stages import plan, split
     from moeprep.units import parse_size
 

@@ -8,18 +8,21 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 from gguf import GGUFReader, LlamaFileType
 
 from moeprep.errors import IntegrityError, MoeprepError
-from moeprep.placement import CPU_MOE, CPU_MOE_PATTERN, GPU, MAX_BLOCKS, Placement, n_cpu_moe_patterns  # noqa: F401  (probe's vocabulary)
-from moeprep.records.probe import Attention, LayerExperts, Offload, ProbeReport, TensorInfo
+from moeprep.inputs import short
+from moeprep.limits import MAX_CTX
+from moeprep.placement import CPU_MOE, CPU_MOE_PATTERN, GPU, MAX_BLOCKS, Placement
+from moeprep.records.probe import Attention, ChatFormat, LayerExperts, Offload, ProbeReport, TensorInfo
 
 _EXPERT = re.compile(CPU_MOE_PATTERN)
 _SHARED = re.compile(r"_shexp\b")
 _ROUTER = re.compile(r"\.(ffn_gate_inp|exp_probs_b)\.")
 _LEGACY = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
-MAX_EXPERTS = 4096
+MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS (src/llama-hparams.h at 0c1e570): llama.cpp aborts above it
 
 
 def tensor_class(name: str) -> str:
@@ -39,6 +42,28 @@ def tensor_class(name: str) -> str:
     if name.startswith("output."):
         return "output"
     return "norms and dense"
+
+
+MAX_CHAT_TEMPLATE = 64 * 1024  # characters: the longest real templates (tool-calling ones) are about 20 K
+
+
+def chat_format(reader) -> ChatFormat:
+    """The chat template and special tokens the GGUF carries, as llama.cpp reads them (llama-vocab.cpp)."""
+    template = value(reader, "tokenizer.chat_template")
+    template = template if isinstance(template, str) else None
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    n_tokens = len(tokens.data) if tokens is not None else 0
+
+    def text(key: str) -> str | None:
+        token_id = value(reader, f"tokenizer.ggml.{key}_token_id")
+        if tokens is None or isinstance(token_id, bool) or not isinstance(token_id, (int, np.integer)):
+            return None
+        return str(tokens.contents(int(token_id)))[:100] if 0 <= token_id < n_tokens else None
+
+    add_bos = value(reader, "tokenizer.ggml.add_bos_token")
+    return ChatFormat(template[:MAX_CHAT_TEMPLATE] if template else None,
+                      bool(template) and len(template) > MAX_CHAT_TEMPLATE, text("bos"), text("eos"), text("eot"),
+                      add_bos if isinstance(add_bos, bool) else None)
 
 
 def type_summary(tensors: list[TensorInfo]) -> dict[str, dict[str, int]]:
@@ -93,7 +118,12 @@ def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
 
     def key(name: str, default=0):
         v = value(reader, f"{arch}.{name}", default)
-        return int(v) if v is not None else None
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):  # a count the header gives as text or a float
+            raise IntegrityError(f"{path} gives {arch}.{name} as {short(v)}, not a count",
+                                 "rerun the stage that wrote it, or download it again")
+        return int(v)
 
     tensors = [
         TensorInfo(t.name, t.tensor_type.name, [int(d) for d in t.shape], int(t.n_bytes))
@@ -134,6 +164,19 @@ def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
     if not 0 <= (expert_count or 0) <= MAX_EXPERTS:
         raise IntegrityError(f"{path} claims {expert_count} experts; no model has over {MAX_EXPERTS}",
                              "rerun the stage that wrote it, or download it again")
+    # What llama.cpp asserts as it loads (src/llama-model.cpp): a file that breaks it would abort the process.
+    used = key("expert_used_count")
+    if expert_count and not 1 <= (used or 0) <= expert_count:
+        raise IntegrityError(f"{path} routes each token to {used} of its {expert_count} experts, which llama.cpp "
+                             "refuses", "rerun the stage that wrote it, or download it again")
+    heads = key("attention.head_count", None)
+    if heads == 0 and any(".attn_q." in t.name or ".attn_qkv." in t.name for t in tensors):
+        raise IntegrityError(f"{path} has attention tensors and 0 attention heads", "rerun the stage that wrote it, "
+                             "or download it again")
+    trained = key("context_length", None)
+    if trained is not None and not 0 <= trained <= MAX_CTX:
+        raise IntegrityError(f"{path} claims a trained context of {trained} tokens; moeprep plans at most {MAX_CTX}",
+                             "rerun the stage that wrote it, or download it again")
     notes: list[str] = []
     loadable = True
     if legacy:
@@ -165,10 +208,10 @@ def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
         file_type=file_type_name,
         block_count=block_count,
         expert_count=expert_count,
-        expert_used_count=key("expert_used_count"),
+        expert_used_count=used,
         expert_shared_count=key("expert_shared_count"),
         leading_dense_block_count=key("leading_dense_block_count"),
-        context_length=key("context_length", None),
+        context_length=trained,
         embedding_length=key("embedding_length", None),
         n_params=sum(int(t.n_elements) for t in reader.tensors),
         layout=layout,
@@ -182,6 +225,7 @@ def probe(path: Path, n_values: list[int] | None = None) -> ProbeReport:
         placements=[],
         types=type_summary(tensors),
     )
+    report.chat = chat_format(reader)
     if n_values is None:
         n_values = list(range(1, block_count + 1)) if report.is_moe else []
     report.placements = placements(tensors, n_values) if report.is_moe else [_place(tensors, GPU)]

@@ -19,13 +19,14 @@ from huggingface_hub.errors import (
 )
 
 from moeprep.errors import HubError, MoeprepError
+from moeprep.inputs import short
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9_.-]{1,96}")  # the Hub's names, ASCII only
 
 
 def check_repo_id(repo_id: str) -> str:
-    if not REPO_ID.match(repo_id or "") or ".." in repo_id or repo_id.endswith((".", "-")):
-        raise MoeprepError(f"{repo_id!r} is not a Hub repo id", "use ORG/NAME")
+    if not REPO_ID.fullmatch(repo_id or "") or ".." in repo_id or repo_id.endswith((".", "-")):
+        raise MoeprepError(f"{short(repo_id)} is not a Hub repo id", "use ORG/NAME")
     return repo_id
 
 

@@ -23,7 +23,7 @@ from moeprep.errors import MoeprepError
 from moeprep.files import open_log, write_aside
 from moeprep.ggufio.probe import read, value
 from moeprep.inputs import check_file
-from moeprep.limits import MAX_CALIBRATION_TEXT
+from moeprep.limits import MAX_CALIBRATION_TEXT, MAX_IMATRIX
 from moeprep.llama.build import program, versions
 
 
@@ -83,8 +83,7 @@ def load(path: Path) -> Imatrix:
     """Read an imatrix as llama.cpp 0c1e570's llama-quantize does: common_imatrix_load (common/imatrix-loader.cpp),
     GGUF or the legacy .dat, then load_imatrix (tools/quantize/quantize.cpp), which normalises by the counts."""
     path = Path(path)
-    if not path.is_file():
-        raise MoeprepError(f"importance matrix {path} not found", "compute one with `moeprep imatrix`")
+    check_file(path, MAX_IMATRIX, "importance matrix", "compute one with `moeprep imatrix`")
     with open(path, "rb") as f:
         gguf = f.read(4) == b"GGUF"
     sums, counts, datasets, chunks = (_read_gguf if gguf else _read_legacy)(path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
@@ -20,6 +19,7 @@ from pydantic import AfterValidator, TypeAdapter, ValidationError
 
 from moeprep.errors import MoeprepError
 from moeprep.files import write_json
+from moeprep.names import NAME
 from moeprep.records.probe import ProbeReport
 from moeprep.records.results import FileResult, PlanRecord, SmokeReport
 
@@ -27,7 +27,7 @@ FORMAT = "moeprep.manifest/2"
 FORMAT_V1 = "moeprep.manifest/1"  # read and upgraded on load
 FILENAME = "manifest.json"
 MAX_BYTES = 64 * 2**20  # a manifest of every figure of a 100-file directory is a few MB; anything larger is not one
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+MAX_PATH = 1024  # characters of a path the manifest names: a shard folder and a file, each a plain name
 
 
 def _file_in_directory(parts: int):
@@ -35,15 +35,16 @@ def _file_in_directory(parts: int):
     absolute path, nothing hidden), ending in .gguf. Every later stage joins it to the output directory."""
     def check(path: str) -> str:
         p = PurePosixPath(path)
-        if (p.is_absolute() or "\\" in path or not 1 <= len(p.parts) <= parts or path != str(p)
-                or not all(_NAME.fullmatch(part) for part in p.parts) or p.suffix != ".gguf"):
+        if (len(path) > MAX_PATH or p.is_absolute() or "\\" in path or not 1 <= len(p.parts) <= parts
+                or path != str(p) or not all(NAME.fullmatch(part) and len(part) <= 255 for part in p.parts)
+                or p.suffix != ".gguf"):
             raise ValueError(f"{path[:80]!r} is not a GGUF file name inside the directory")
         return path
     return check
 
 
 def _quant_name(name: str) -> str:
-    if not _NAME.fullmatch(name) or len(name) > 64:
+    if not NAME.fullmatch(name) or len(name) > 64:
         raise ValueError(f"{name[:80]!r} is not a quant name")
     return name
 

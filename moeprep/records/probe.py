@@ -54,6 +54,19 @@ class Attention:
 
 
 @dataclass
+class ChatFormat:
+    """How the model is prompted, as its GGUF says: the chat template llama.cpp applies, and the special tokens. The
+    text is the model's: data, shown escaped."""
+
+    template: str | None = None  # tokenizer.chat_template; None: the GGUF carries none
+    template_truncated: bool = False  # longer than moeprep keeps (MAX_CHAT_TEMPLATE): the GGUF holds the whole
+    bos: str | None = None  # the tokens' text, from tokenizer.ggml.tokens
+    eos: str | None = None
+    eot: str | None = None
+    add_bos: bool | None = None
+
+
+@dataclass
 class ProbeReport:
     file: str
     architecture: str
@@ -74,6 +87,7 @@ class ProbeReport:
     placements: list[Offload]
     attention: Attention = field(default_factory=Attention)  # absent from format 1 manifests: all None
     types: dict[str, dict[str, int]] = field(default_factory=dict)  # tensor class -> {ggml type: tensors}
+    chat: ChatFormat | None = None  # None: probed before moeprep read it
 
     @property
     def is_moe(self) -> bool:

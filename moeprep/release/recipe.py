@@ -23,11 +23,13 @@ from pydantic import (
     model_validator,
 )
 
-from moeprep import placement, quants
+from moeprep import names, placement, quants
 from moeprep.errors import MoeprepError
+from moeprep.ggufio.probe import MAX_EXPERTS
 from moeprep.hub import errors as hub_ids
-from moeprep.inputs import KIB, load_yaml, read_text, short
-from moeprep.limits import MAX_CHUNKS, MAX_CTX, MAX_RUNS, MAX_TOKENS
+from moeprep.inputs import KIB, check_file, load_yaml, read_text, short
+from moeprep.limits import MAX_CHUNKS, MAX_CTX, MAX_RUNS, MAX_TEMPLATE, MAX_TOKENS
+from moeprep.placement import MAX_BLOCKS
 from moeprep.quants import MIXES, ImatrixSpec, QuantPlan, check_types, get, parse
 from moeprep.stages.card import CardOptions
 from moeprep.units import parse_size
@@ -77,6 +79,7 @@ def _one_or_many(value):  # `mix: moe-q4` reads as `mix: [moe-q4]`
     return [value] if isinstance(value, str) else value
 
 
+ModelName = Annotated[str, AfterValidator(_checked(lambda text: names.model_name(text, "the recipe")))]
 RepoId = Annotated[str, AfterValidator(_checked(hub_ids.check_repo_id))]
 Size = Annotated[str, BeforeValidator(_checked(_size))]
 Quants = Annotated[list[str], AfterValidator(_checked(_quants))]
@@ -122,7 +125,7 @@ class Smoke(Section):
 
 def _branch(name: str) -> str:
     if name == "main" or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name.endswith(".lock"):
-        raise MoeprepError(f"{name!r} cannot be the staging branch", "name a branch other than main: letters, digits, . _ -")
+        raise MoeprepError(f"{short(name)} cannot be the staging branch", "name a branch other than main: letters, digits, . _ -")
     return name
 
 
@@ -150,15 +153,15 @@ class Card(Section):
 
 
 class Expect(Section):
-    architecture: str | None = None  # config.json's architectures[0]
-    expert_count: int | None = Field(None, ge=1)
-    expert_used_count: int | None = Field(None, ge=1)
-    expert_shared_count: int | None = Field(None, ge=0)
-    block_count: int | None = Field(None, ge=1)
+    architecture: str | None = Field(None, max_length=200)  # config.json's architectures[0]
+    expert_count: int | None = Field(None, ge=1, le=MAX_EXPERTS)
+    expert_used_count: int | None = Field(None, ge=1, le=MAX_EXPERTS)
+    expert_shared_count: int | None = Field(None, ge=0, le=MAX_EXPERTS)
+    block_count: int | None = Field(None, ge=1, le=MAX_BLOCKS)
 
 
 class Recipe(Section):
-    name: str
+    name: ModelName  # the release's files are named after it, in releases/<name>
     source: Source
     hub: Hub
     quants: Quants = Field(["Q8_0", "Q4_K_M", "Q2_K"], max_length=64)
@@ -194,6 +197,12 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _check_plan(self, info: ValidationInfo) -> Recipe:
         self._path = (info.context or {}).get("path")  # set first: the calibration text is relative to it
+        if self.card.template:
+            try:
+                check_file(self.relative(self.card.template), MAX_TEMPLATE, "card template",
+                           "give a Jinja template file relative to the recipe")
+            except MoeprepError as e:
+                raise _Invalid(e.message, e.hint, key="card.template") from None
         spec = None
         if self.imatrix:
             if not (text := self.relative(self.imatrix.calibration)).is_file():

@@ -20,6 +20,7 @@ from pathlib import Path
 from moeprep.errors import MoeprepError
 from moeprep.files import human_bytes
 from moeprep.hub.snapshot import resolve
+from moeprep.inputs import short
 from moeprep.lock import locked
 from moeprep.records import manifest as mf
 from moeprep.records.outcome import Outcome, Stage, Status, quiet
@@ -47,7 +48,7 @@ def parse_stages(text: str | None) -> list[Stage]:
         part = part.strip()
         for name in GROUPS.get(part, [part]):
             if name not in STAGES:
-                raise MoeprepError(f"unknown stage {part!r}", f"stages: {', '.join(STAGES)}; groups: {', '.join(GROUPS)}")
+                raise MoeprepError(f"unknown stage {short(part)}", f"stages: {', '.join(STAGES)}; groups: {', '.join(GROUPS)}")
             if Stage(name) not in chosen:
                 chosen.append(Stage(name))
     return [s for s in STAGES if s in chosen]
@@ -218,7 +219,7 @@ def matrix(folder: Path, group: str | None = None) -> dict:
     groups = [group] if group else list(GROUPS)
     for g in groups:
         if g not in GROUPS:
-            raise MoeprepError(f"unknown stage group {g!r}", f"groups: {', '.join(GROUPS)}")
+            raise MoeprepError(f"unknown stage group {short(g)}", f"groups: {', '.join(GROUPS)}")
     include = []
     for path in discover(folder):
         r = load_recipe(path)

@@ -21,13 +21,14 @@ from pathlib import Path
 from conversion import TEXT_MODEL_MAP
 from safetensors import safe_open
 
-from moeprep import child, progress
+from moeprep import child, names, progress
 from moeprep.card import sourcecard
 from moeprep.errors import IntegrityError, MoeprepError
 from moeprep.files import check_free_space, open_log, remove, write_aside
 from moeprep.hub.errors import REPO_ID
 from moeprep.hub.repo import cache_dir
 from moeprep.hub.snapshot import RepoSnapshot, missing_bytes
+from moeprep.inputs import short
 from moeprep.quants import QuantPlan
 from moeprep.records import manifest as mf
 from moeprep.records.manifest import Artifact, ArtifactSettings, Manifest, Source
@@ -162,11 +163,11 @@ def model_name(source: str) -> str:
     """The model's name from a local directory or a Hub repo id; anything else is refused here."""
     local = Path(source)
     if local.is_dir():
-        return local.resolve().name
+        return names.model_name(local.resolve().name, f"the model directory {short(str(local))}")
     if local.exists():
         raise MoeprepError(f"{source} is a file, not a model directory", "give a model directory or a Hub repo id ORG/NAME")
-    if REPO_ID.match(source) and not source.startswith((".", "/")) and ".." not in source:
-        return source.split("/")[-1]
+    if REPO_ID.fullmatch(source) and not source.startswith((".", "/")) and ".." not in source:
+        return names.model_name(source.split("/")[-1], f"the repo id {short(source)}")
     raise MoeprepError(f"{source} is neither a model directory nor a Hub repo id", "pass org/name or a folder")
 
 

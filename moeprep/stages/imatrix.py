@@ -9,6 +9,7 @@ from pathlib import Path
 from moeprep.errors import MoeprepError
 from moeprep.files import sha256_file
 from moeprep.ggufio.probe import probe
+from moeprep.inputs import short
 from moeprep.llama import imatrix as imatrix_file
 from moeprep.quants import ImatrixSpec
 from moeprep.records import manifest as mf
@@ -20,6 +21,10 @@ FILENAME = "imatrix.gguf"
 
 def make(model: Path, text: Path, out: Path, ctx: int = 512, chunks: int = 0) -> ImatrixRecord:
     """`moeprep imatrix`: compute it, and describe it as the manifest records one."""
+    if out.suffix != ".gguf" or out.name.startswith("."):
+        raise MoeprepError(f"--out {short(str(out))} is not a .gguf file name", "name the importance matrix NAME.gguf")
+    if not out.parent.is_dir():
+        raise MoeprepError(f"{short(str(out.parent))} is not a directory", "give --out in an existing directory")
     imatrix_file.check_text(text)
     trained = probe(model, n_values=[]).context_length  # also refuses a missing, truncated or non-GGUF model
     if trained and ctx > trained:

@@ -13,13 +13,16 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moeprep import progress
 from moeprep.card.layout import repos
 from moeprep.card.lint import lint
 from moeprep.card.render import PLOT
-from moeprep.errors import MoeprepError
+from moeprep.errors import IntegrityError, MoeprepError
+from moeprep.files import matches
 from moeprep.hub import errors as hub
 from moeprep.hub.repo import HubRepo, Want, plan_commit, token_check
 from moeprep.records import manifest as mf
+from moeprep.records.manifest import UploadFile
 from moeprep.records.outcome import Outcome, Stage, Status, quiet
 from moeprep.shell import hint
 
@@ -66,6 +69,8 @@ def push(out: Path, repo_id: str, *, layout: str = "single", revision: str | Non
     token_check(dry_run)
     result = PushResult(dry_run, [])
     outcome: Outcome[PushResult] = Outcome(Stage.PUSH, result=result)
+    for f in (f for a in m.artifacts for f in a.upload_files()):  # every repo's, before the first commit
+        _check_bytes(out / f.path, f, dry_run)
     render = hint("moeprep", "card", out, "--repo-id", repo_id, *(["--layout", layout] if layout != "single" else []))
     for repo in repos(m, repo_id, layout):
         card = out / repo.card
@@ -95,6 +100,18 @@ def push(out: Path, repo_id: str, *, layout: str = "single", revision: str | Non
                                       private=private)
         outcome.made += [f"{target_id}/{w.path_in_repo}" for w in todo]
     return outcome
+
+
+def _check_bytes(path: Path, f: UploadFile, dry_run: bool) -> None:
+    """The bytes about to be uploaded are the bytes the manifest and the card name: hashed now, whatever the file's
+    size and time say, since what goes to the Hub is published under this sha256."""
+    if dry_run:
+        return
+    with progress.bar(f"sha256 {f.path}", f.size) as bar:
+        same = path.is_file() and not path.is_symlink() and matches(path, f.size, f.sha256, None, bar.update)
+    if not same:
+        raise IntegrityError(f"{path} is not the bytes the manifest lists (sha256 differs, or it is missing)",
+                             "make it again (`moeprep convert`), or pull it again; nothing was pushed")
 
 
 def _relative(local: Path, out: Path) -> str:

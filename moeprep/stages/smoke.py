@@ -20,6 +20,8 @@ from moeprep import placement as placements_
 from moeprep.errors import MoeprepError
 from moeprep.files import human_bytes, matches, sha256_file
 from moeprep.ggufio.probe import expected_overrides, probe
+from moeprep.inputs import check_file
+from moeprep.limits import MAX_SIZE
 from moeprep.llama.build import backends, devices
 from moeprep.llama.context import ContextParams, session
 from moeprep.llama.evaluate import chunking
@@ -203,8 +205,19 @@ def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path 
     first = probe(targets[0].path, n_values=[])
     for name in settings.placements:  # N of n-cpu-moe=N is bounded by the model before any work
         placements_.parse(name, first.block_count)
+    given = reference is not None
     if reference is None and quality and manifest is not None and manifest.base is not None:
         reference = out / manifest.base.path
+    reference_sha256 = None
+    if reference is not None:
+        check_file(reference, MAX_SIZE, "the reference", "give the F16 GGUF the quants were made from")
+        reference_sha256 = _reference_sha256(reference, manifest, out)
+        base = manifest.base if manifest is not None else None
+        if given and base is not None and reference_sha256 != base.sha256:
+            # the card's quality table is "against the F16": the results in this manifest are against its F16
+            raise MoeprepError(f"--reference {reference.name} is not {base.path}, the converted file the manifest in "
+                               f"{out} lists (sha256 differs); its results are all measured against that one",
+                               "leave --reference out, or smoke a copy of the files in another directory")
     check_bounds(settings, first, targets[0].path, quality=reference is not None)
 
     nvml, nvml_status = gpu.nvml()
@@ -222,7 +235,7 @@ def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path 
     ref = None
     if reference is not None:
         status(f"reference: {reference.name}")
-        ref = reference_for(reference, _reference_sha256(reference, manifest, out), settings, text)
+        ref = reference_for(reference, reference_sha256, settings, text)
     for t in targets:
         report.artifacts[t.path.name] = smoke_file(t, settings, nvml, ref, status)
         outcome.made.append(t.path.name)

@@ -13,10 +13,13 @@ from pathlib import Path
 import gguf
 
 from moeprep import progress
-from moeprep.files import make_dirs, remove, sha256_file
+from moeprep.errors import MoeprepError
+from moeprep.files import human_bytes, make_dirs, remove, sha256_file
 from moeprep.records import manifest as mf
 from moeprep.records.manifest import Artifact, Shard
 from moeprep.records.outcome import Outcome, Stage, Status, quiet
+
+MAX_SHARDS = 1000  # per file: llama.cpp names up to 99999, but a Hub repo of thousands of files is no release
 
 
 def split(src: Path, out_dir: Path, max_bytes: int, before_rename=None, *, root: Path) -> list[Path]:
@@ -62,6 +65,9 @@ def stage(out: Path, max_bytes: int, *, dry_run: bool = False, status: Status = 
     shards' record. The outcome's result is the manifest as saved.
     """
     manifest = mf.load(out)
+    if (most := max((-(-a.size // max_bytes) for a in manifest.artifacts), default=0)) > MAX_SHARDS:
+        raise MoeprepError(f"shards of {human_bytes(max_bytes)} would split a file into {most} pieces; moeprep makes at "
+                           f"most {MAX_SHARDS} per file", "give a larger shard size (the Hub's limit is 50 GB)")
     outcome: Outcome[mf.Manifest] = Outcome(Stage.SPLIT, result=manifest)
     for a in manifest.artifacts:
         if a.size <= max_bytes:
