@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from moeprep.assets import template as shipped_template
 from moeprep.card import render as card
+from moeprep.card import sections
 from moeprep.card.lint import lint
 from moeprep.cli import main
 from moeprep.records import manifest as mf
@@ -66,7 +67,8 @@ def test_card_acceptance_front_matter_and_file_table(fresh):
     assert list(rows) == [a.path for a in m.artifacts]
     for a in m.artifacts:
         assert rows[a.path][3] == a.sha256 == sha256(fresh / a.path)
-        assert rows[a.path][4:] == ["not measured"] * 5  # no smoke recorded for this copy
+        assert rows[a.path][4] == sections.ram_cell(a) and rows[a.path][4].endswith("MiB")  # predicted from plans
+        assert rows[a.path][5:] == ["not measured"] * 5  # no smoke recorded for this copy
     quality = table(text, card.QUALITY_COLUMNS)
     assert list(quality) == [a.quant for a in m.artifacts]
     for a in m.artifacts:
@@ -89,10 +91,10 @@ def test_card_with_smoke_data_shows_measured_figures_and_plot(smoked, tmp_path):
     for a in m.artifacts:
         s = m.smoke.artifacts[a.path]
         tps = s.placements["gpu"].decode_tps
-        assert rows[a.path][6] == f"{tps.mean:.1f} ± {tps.sd:.1f}"
+        assert rows[a.path][7] == f"{tps.mean:.1f} ± {tps.sd:.1f}"
         need = s.placements["gpu"].gpu_mib()
         # VRAM is llama.cpp's GPU buffers where there is a GPU, and never estimated where there is none
-        assert rows[a.path][4] == (f"{need:.0f}" if need is not None else "not measured")
+        assert rows[a.path][5] == (f"{need:.0f}" if need is not None else "not measured")
     assert "![Decode speed and memory per quant and placement](moeprep-smoke.png)" in text
     assert (out / "moeprep-smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "N=3 timed runs after 1 warm-up" in text
@@ -222,7 +224,7 @@ def test_card_vram_is_the_placements_gpu_buffers_with_the_overhead_stated_once(f
     text = (fresh / "README.md").read_text()
     buffers = {(b.device, b.kind): b.mib for b in log.buffers}
     need = buffers[("CUDA0", "model")] + buffers[("CUDA0", "KV")] + buffers[("CUDA0", "compute")]
-    assert table(text)[a.path][4] == f"{need:.0f}" and table(text)[a.path][5] == "not measured"
+    assert table(text)[a.path][5] == f"{need:.0f}" and table(text)[a.path][6] == "not measured"
     assert f"add {1400 - need:.0f} MiB on top (NVML's per-process peak minus those buffers, mean over 1 loads)" in text
     assert lint(fresh / "README.md") == []
 
@@ -496,7 +498,7 @@ def _hide_and_fake(text: str) -> str:
     ("model-table", lambda t: t.replace("| Experts | 16 |", "| Experts | 64 |"),
      "table 'The model', row 'Experts': Value is '64', the manifest says '16'"),
     ("duplicated-table", lambda t: t.replace("## Method", t[t.index("| Property | Value |"):t.index("## Files")] + "## Method"),
-     "a table under 'Quality against the F16' headed 'Property | Value', which the manifest does not give"),
+     "a table under 'What is in each file' headed 'Property | Value', which the manifest does not give"),
     ("method-line", lambda t: t.replace("Sizes and SHA256: of the files", "Sizes and SHA256: of some files"),
      "the list item 'Sizes and SHA256: of some files"),
     ("provenance", lambda t: t.replace("Importance matrix: none was used", "Importance matrix: a big one was used"),

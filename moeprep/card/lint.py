@@ -261,9 +261,15 @@ def _compare_front_matter(expected: str, actual: str) -> list[str]:
 
 def _static(text: str) -> list[str]:
     problems = []
+    fence = None  # the fence of the code block the line is in: a chat template there is the model's text
     for n, line in enumerate(text.splitlines(), 1):
         if _MARKER.match(line):
             problems.append(f"line {n}: merge-conflict marker {line[:7]!r}")
+        if m := re.match(r"^(`{3,})", line):
+            fence = None if fence and m.group(1) == fence and not line[len(fence):].strip() else fence or m.group(1)
+            continue
+        if fence:
+            continue
         if "{{" in line or "{%" in line:
             problems.append(f"line {n}: unrendered template syntax")
         if line.strip().startswith("|") and not re.fullmatch(r"\|[\s|:-]*\|", line.strip()):

@@ -16,14 +16,15 @@ from jinja2 import FileSystemLoader, StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
 from moeprep.assets import template as shipped
-from moeprep.card import sourcecard
+from moeprep.card import sections, sourcecard
 from moeprep.card.layout import RepoCard
+from moeprep.card.sections import RAM_CTX, ram_cell
 from moeprep.errors import MoeprepError
 from moeprep.files import human_bytes
 from moeprep.inputs import read_text
 from moeprep.limits import MAX_TEMPLATE
 from moeprep.predict.plan import CARD_CTX, from_record
-from moeprep.predict.tiers import cell_text, from_manifest
+from moeprep.predict.tiers import TierTable, cell_text, from_manifest
 from moeprep.quality.scoring import METHODS
 from moeprep.quants import MIXES
 from moeprep.records import manifest as mf
@@ -32,7 +33,8 @@ from moeprep.records.results import NOT_MEASURED, text
 
 TAGS = ["gguf", "moe", "mixture-of-experts", "cpu-offload", "llama.cpp", "quantized"]
 PLOT = "moeprep-smoke.png"
-COLUMNS = ["File", "Quant", "Size", "SHA256", "VRAM `gpu` (MiB)", "VRAM `cpu-moe` (MiB)",
+COLUMNS = ["File", "Quant", "Size", "SHA256", f"RAM, CPU only ({RAM_CTX} tokens, predicted)", "VRAM `gpu` (MiB)",
+           "VRAM `cpu-moe` (MiB)",
            "decode tok/s `gpu`", "decode tok/s `cpu-moe`", "TTFT `gpu` (s)"]
 QUALITY_COLUMNS = ["Quant", "Size", "PPL", "PPL of the F16", "mean KLD", "median KLD", "99% KLD", "99.9% KLD",
                    "max KLD", "same top token", "RMS Δp"]
@@ -60,7 +62,7 @@ def file_rows(manifest: Manifest, artifacts: list[mf.Artifact]) -> list[list[str
 
         ttft = text(places["gpu"].ttft_s, 4) if "gpu" in places else NOT_MEASURED
         for path, size, sha, label in a.upload_files():
-            rows.append([path, label, human_bytes(size), sha, vram("gpu"), vram("cpu-moe"), tps("gpu"),
+            rows.append([path, label, human_bytes(size), sha, ram_cell(a), vram("gpu"), vram("cpu-moe"), tps("gpu"),
                          tps("cpu-moe"), ttft])
     return rows
 
@@ -128,9 +130,8 @@ def plan_rows(artifact: mf.Artifact) -> tuple[str, list[list[str]]]:
                       human_bytes(r.predicted_total)] for r in rows]
 
 
-def tier_tables(m: Manifest, usage: mf.Artifact) -> dict:
+def tier_tables(t: TierTable, usage: mf.Artifact) -> dict:
     """The tier table as the card shows it: one table per context, and usage commands for the usage file."""
-    t = from_manifest(m)
     quants = list(dict.fromkeys(c.quant for tier in t.tiers for c in tier.cells))
     tables = []
     for ctx in t.contexts:
@@ -203,6 +204,7 @@ def context(m: Manifest, repo: RepoCard, record: CardRecord) -> dict:
     usage = next((a for a in quants if a.quant == "Q4_K_M"), quants[0])
     caption, rows = plan_rows(usage)
     usage_file = usage.upload_files()[0].path
+    table = from_manifest(m)
     return {
         "front_matter": yaml.safe_dump(front, sort_keys=False, allow_unicode=True),
         "title": f"{cell(m.model)} GGUF",
@@ -219,7 +221,12 @@ def context(m: Manifest, repo: RepoCard, record: CardRecord) -> dict:
         "method": method_lines(m),
         "mixes": mix_lines(repo.artifacts),
         "plan": {"caption": caption, "rows": rows},
-        "tiers": tier_tables(m, usage),
+        "tiers": tier_tables(table, usage),
+        "choose": sections.choose(m, table, repo.repo_id),
+        "fetch": sections.fetch(m, repo.artifacts, repo.repo_id),
+        "chat": sections.chat(m),
+        "contents": sections.contents(repo.artifacts),
+        "reproduce": sections.reproduce(m, repo.artifacts),
         "repo_id": repo.repo_id,
         "usage": usage_lines(repo.repo_id, usage_file),
         "siblings": [{"quant": q, "url": url(r)} for q, r in repo.siblings.items()],

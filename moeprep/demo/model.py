@@ -40,6 +40,14 @@ Numbers such as 1, 2, 3, 10, 42, 100 and 2026 appear in text as often as words l
 """
 
 
+# Phi-3.5-MoE-instruct's chat template (its tokenizer_config.json), so the demo's GGUFs carry one as real ones do.
+CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+                 "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+                 "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+                 "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
 def make_tokenizer(folder: Path, vocab_size: int = 512, lines: list[str] | None = None) -> int:
     """Train a BPE sentencepiece model on `lines` (default: the built-in text) and write it with its config."""
     model = io.BytesIO()
@@ -59,6 +67,7 @@ def make_tokenizer(folder: Path, vocab_size: int = 512, lines: list[str] | None 
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>", "model_max_length": 4096, "tokenizer_class": "LlamaTokenizer",
+        "chat_template": CHAT_TEMPLATE,
     }, indent=2))
     return vocab_size
 

@@ -43,7 +43,7 @@ from moeprep.files import remove
 from moeprep.records.outcome import Status, quiet
 
 RECORD = "moeprep-training.json"  # in the checkpoint: the key and how training went; the converter ignores it
-FORMAT = 1  # bump when the way a model is trained changes in a way the schedule does not show
+FORMAT = 2  # 2: the tokenizer config carries a chat template. Bump when the way a model is trained changes in a way the schedule does not show
 
 
 @dataclass(frozen=True)

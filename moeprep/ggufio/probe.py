@@ -62,7 +62,7 @@ def chat_format(reader) -> ChatFormat:
 
     add_bos = value(reader, "tokenizer.ggml.add_bos_token")
     return ChatFormat(template[:MAX_CHAT_TEMPLATE] if template else None,
-                      bool(template) and len(template) > MAX_CHAT_TEMPLATE, text("bos"), text("eos"), text("eot"),
+                      template is not None and len(template) > MAX_CHAT_TEMPLATE, text("bos"), text("eos"), text("eot"),
                       add_bos if isinstance(add_bos, bool) else None)
 
 

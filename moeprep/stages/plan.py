@@ -79,19 +79,23 @@ def current(records: list[PlanRecord], contexts: list[int]) -> bool:
 
 
 def stage(out: Path, manifest: mf.Manifest, *, save: bool = True, status=lambda line: None) -> list[str]:
-    """Record each artifact's plans where the GGUF is, unless this build's are recorded, and (with `save`) save the
-    manifest. Returns the files planned now."""
+    """Record each artifact's plans where the GGUF is, unless this build's are recorded (and its header again where
+    the probe predates the chat format), and (with `save`) save the manifest. Returns the files planned now."""
     made = []
     for a in manifest.artifacts:
         if a.probe is None:
             continue
-        contexts = contexts_for(a.probe.context_length)
         path = Path(out) / a.path
+        if a.probe.chat is None and path.is_file() and path.stat().st_size == a.size:
+            a.probe = probe(path)  # probed by a moeprep that did not record the chat format: the header again
+            made.append(a.path)
+        contexts = contexts_for(a.probe.context_length)
         if current(a.plans, contexts) or not (path.is_file() and path.stat().st_size == a.size):
             continue  # up to date, or nothing here to size (a manifest pulled without its files keeps its records)
         status(f"plan {a.path}: sizing the KV cache and compute buffer at {', '.join(map(str, contexts))} tokens")
         a.plans = record(path, a.probe, contexts)
-        made.append(a.path)
+        if a.path not in made:
+            made.append(a.path)
     if made and save:
         mf.save(out, manifest)
     return made
