@@ -211,3 +211,21 @@ def gpt_oss_sparse(path: Path, blocks: int = 4, experts: int = 4, window: int = 
           "expert_used_count": 2, "expert_feed_forward_length": ff_exp, "feed_forward_length": ff_exp,
           "attention.layer_norm_rms_epsilon": 1e-5, "rope.freq_base": 150000.0}
     return sparse(path, "gpt-oss", kv, t)
+
+
+def kv_heavy(path: Path, blocks: int = 8, experts: int = 8, trained: int = 1 << 20) -> Path:
+    """A llama-layout MoE whose KV cache outgrows its weights within its trained context (1M tokens, 8 KV heads of
+    128): what a long-context model is on a small GPU. Sparse: memory figures only."""
+    n, heads, kv_heads, ff = 2048, 16, 8, 1024
+    t: dict[str, tuple[int, ...]] = {"token_embd.weight": (VOCAB, n), "output_norm.weight": (n,),
+                                     "output.weight": (VOCAB, n)}
+    for b in range(blocks):
+        p = f"blk.{b}."
+        t |= {p + "attn_norm.weight": (n,), p + "attn_q.weight": (n, n), p + "attn_k.weight": (kv_heads * 128, n),
+              p + "attn_v.weight": (kv_heads * 128, n), p + "attn_output.weight": (n, n), p + "ffn_norm.weight": (n,),
+              p + "ffn_gate_inp.weight": (experts, n), p + "ffn_gate_exps.weight": (experts, ff, n),
+              p + "ffn_up_exps.weight": (experts, ff, n), p + "ffn_down_exps.weight": (experts, n, ff)}
+    kv = {"block_count": blocks, "context_length": trained, "embedding_length": n, "feed_forward_length": ff,
+          "attention.head_count": heads, "attention.head_count_kv": kv_heads, "expert_count": experts,
+          "expert_used_count": 2, "attention.layer_norm_rms_epsilon": 1e-5, "rope.dimension_count": 128}
+    return sparse(path, "llama", kv, t)

@@ -117,7 +117,8 @@ def test_cli_manifest_format_1_is_upgraded_as_it_was_measured():
 
 
 def test_cli_matrix_groups_are_the_release_groups():
-    from moeprep.cli.publish import GROUPS
+    from moeprep.cli.publish import GROUPS, REVALIDATE
     from moeprep.release.run import GROUPS as RELEASE_GROUPS
+    from moeprep.release.run import REVALIDATE as RELEASE_REVALIDATE
 
-    assert list(GROUPS) == list(RELEASE_GROUPS)
+    assert list(GROUPS) == list(RELEASE_GROUPS) and REVALIDATE == RELEASE_REVALIDATE

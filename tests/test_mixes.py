@@ -236,3 +236,23 @@ def test_tensor_types_name_the_ggml_types_of_the_linked_llama_cpp():
         assert name_of(GGMLQuantizationType[kind].value).decode().upper() == kind
     for mix in mixes.MIXES.values():
         assert all(mixes.parse(str(rule)) == rule for rule in mix.rules)
+
+
+def test_imatrix_reports_experts_a_short_text_never_reached(converted_phimoe, tmp_path):
+    """One chunk of one repeated word: the router sends nearly every token to the same few experts. The coverage
+    moeprep prints and records is the imatrix file's own per-expert counts."""
+    text = tmp_path / "short.txt"
+    text.write_text(" ".join(["the"] * 70) + "\n")
+    out = tmp_path / "imatrix.gguf"
+    result = run("imatrix", converted_phimoe / "tiny-phimoe-F16.gguf", "--text", text, "--ctx", "32", "--chunks", "1",
+                 "--out", out)
+    assert result.exit_code == 0, result.output
+    from gguf import GGUFReader
+
+    counts = {t.name.removesuffix(".counts"): [int(round(float(c))) for c in t.data.ravel()]
+              for t in GGUFReader(out).tensors if t.name.endswith(".counts")}
+    blk0 = next(v for k, v in counts.items() if k.startswith("blk.0.ffn_") and "_exps" in k)
+    missing = [e for e, n in enumerate(blk0) if n == 0]
+    assert missing, "a repeated word should leave some experts of block 0 without tokens"
+    assert f"blk.0: {len(blk0) - len(missing)}/{len(blk0)} experts received tokens" in result.stdout
+    assert "received no calibration tokens" in result.stdout and "warning:" in result.stderr

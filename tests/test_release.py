@@ -266,7 +266,10 @@ def test_workflows_release_shape():
     triggers = wf[True]  # YAML 1.1 reads the key `on` as true
     assert "schedule" in triggers and "recipe" in triggers["workflow_dispatch"]["inputs"]
     jobs = wf["jobs"]
-    assert set(jobs) == {"plan", "prepare", "smoke", "publish"}
+    assert set(jobs) == {"plan", "prepare", "smoke", "publish", "revalidate"}
+    monthly = next(c["cron"] for c in triggers["schedule"] if c["cron"] != "17 3 * * 1")
+    assert jobs["revalidate"]["if"] == f"github.event.schedule == '{monthly}'"
+    assert all(monthly in str(jobs[j]["if"]) for j in ("prepare", "smoke", "publish"))  # the monthly run only checks
     assert "moeprep matrix" in json.dumps(jobs["plan"])
     assert jobs["prepare"]["needs"] == "plan" and jobs["smoke"]["needs"] == ["plan", "prepare"]
     assert jobs["publish"]["needs"] == ["plan", "prepare", "smoke"]
@@ -292,9 +295,15 @@ def test_workflows_release_shape():
         assert "secrets." not in json.dumps({k: v for k, v in job.items() if k != "steps"}), name
         for st in job["steps"]:
             if "secrets." in json.dumps(st):
-                assert "moeprep -q release" in st.get("run", ""), (name, st)
+                assert "moeprep -q release" in st.get("run", "") or "moeprep -q revalidate" in st.get("run", ""), (name, st)
                 assert st["env"]["HF_TOKEN"] == "${{ secrets.HF_TOKEN }}"
     assert "secrets." not in json.dumps(jobs["plan"])
+    # the monthly re-validation: one GPU job per published repo, reading what `moeprep matrix --group revalidate` emits
+    revalidate = jobs["revalidate"]
+    assert revalidate["strategy"]["matrix"] == "${{ fromJSON(needs.plan.outputs.revalidate) }}"
+    used = set(re.findall(r"matrix\.(\w+)", json.dumps(revalidate)))
+    emitted = json.loads(run("matrix", ROOT / "recipes", "--group", "revalidate").stdout)["include"]
+    assert emitted and all(used <= set(entry) for entry in emitted)
     # no model file travels between jobs: no artifacts at all, and caches hold pip's files and the llama.cpp build
     text = json.dumps(jobs)
     assert "upload-artifact" not in text and "download-artifact" not in text
@@ -304,3 +313,18 @@ def test_workflows_release_shape():
                 assert set(st["with"]["path"].split()) <= {"~/.cache/pip", "~/.cache/moeprep/llama.cpp"}, st
     ci = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
     assert "make demo" in ci and "make test" in ci
+
+
+def test_imatrix_release_records_coverage_and_publishes_the_imatrix(hub, write_token, tmp_path):
+    out = tmp_path / "imatrix-coverage"
+    recipe_path = ROOT / "tests" / "data" / "recipes" / "tiny-phimoe-imatrix.yaml"
+    assert run("release", recipe_path, "--stages", "download,convert,quantize,probe,plan", "--out", out).exit_code == 0
+    m = mf.load(out)
+    coverage = m.imatrix.coverage
+    assert [layer.block for layer in coverage] == list(range(m.probe.block_count))
+    assert all(layer.experts == m.probe.expert_count for layer in coverage)
+    card = run("card", out, "--repo-id", "me/tiny-phimoe-imatrix-cov-GGUF", "--push")
+    assert card.exit_code == 0, card.output
+    text = (out / "README.md").read_text()
+    assert f"`imatrix.gguf` (sha256 {m.imatrix.sha256[:12]}…) is published beside the files; expert coverage:" in text
+    assert hub.repos["me/tiny-phimoe-imatrix-cov-GGUF"].sha256("imatrix.gguf") == m.imatrix.sha256

@@ -371,3 +371,52 @@ def test_doctor_reports_the_backends_present():
     assert (data["nvml"] == "ok") is (NVML is not None)
     assert data["tools"]["llama_cpp_commit"].startswith("0c1e570")
     assert data["gguf"]["files_changed"] == []
+
+
+def test_the_sweep_measures_every_block_of_a_small_model_and_eight_points_of_a_large_one():
+    from moeprep.stages.smoke import sweep
+
+    assert [str(p) for p in sweep(2)] == ["gpu", "n-cpu-moe=1", "n-cpu-moe=2", "cpu-moe"]
+    large = [str(p) for p in sweep(61)]
+    assert large[0] == "gpu" and large[-1] == "cpu-moe" and len(large) == 10
+    assert large[1] == "n-cpu-moe=1" and large[-2] == "n-cpu-moe=61"  # both ends
+
+
+def test_smoke_sweep_records_the_offload_curve_and_the_card_shows_it(converted_phimoe, tmp_path):
+    from tests.test_error_catalogue import linked_copy
+
+    d = linked_copy(converted_phimoe, tmp_path / "tiny-phimoe-GGUF")
+    result = CliRunner().invoke(main, ["smoke", str(d), "--sweep", "--runs", "1", "--quality-ctx", "128",
+                                       "--quality-chunks", "2"])
+    assert result.exit_code == 0, result.output
+    m = mf.load(d)
+    assert m.smoke.settings.sweep and [str(p) for p in m.smoke.settings.placements] == [
+        "gpu", "n-cpu-moe=1", "n-cpu-moe=2", "cpu-moe"]
+    for a in m.artifacts:
+        assert list(m.smoke_result(a).placements) == ["gpu", "n-cpu-moe=1", "n-cpu-moe=2", "cpu-moe"]
+    assert CliRunner().invoke(main, ["card", str(d), "--repo-id", "me/x-GGUF"]).exit_code == 0
+    text = (d / "README.md").read_text()
+    assert "The offload curve (F16, Q8_0, Q4_K_M, Q2_K; `moeprep smoke --sweep`)" in text
+    q4 = m.smoke_result(m.artifact("Q4_K_M")).placements["gpu"].decode_tps.mean
+    assert f"; {q4:.1f} tok/s on CPU |" in text  # the tier cell's placement, as the sweep measured it
+    again = CliRunner().invoke(main, ["smoke", str(d), "--sweep", "--placement", "gpu"])
+    assert again.exit_code == 1 and "give --sweep or --placement, not both" in again.stderr
+
+
+def test_a_recipe_asks_for_the_sweep_and_a_staged_sweep_answers_it(tmp_path):
+    import yaml
+
+    from moeprep.release import recipe, staging
+
+    data = yaml.safe_load((Path(__file__).parent / "data" / "recipes" / "tiny-phimoe.yaml").read_text())
+    data["smoke"] = {**data.get("smoke", {}), "sweep": True}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    asked = staging.smoke_settings(recipe.load(path))
+    assert asked.sweep
+    from dataclasses import replace
+
+    from moeprep.stages.smoke import sweep
+
+    ran = replace(asked, placements=sweep(2), threads=4)  # as the smoke job resolved it for this model
+    assert ran.request_key() == asked.request_key()

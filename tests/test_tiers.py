@@ -10,6 +10,7 @@ from moeprep.cli import main
 from moeprep.placement import CPU_MOE, parse
 from moeprep.predict.plan import contexts_for
 from moeprep.predict.tiers import GIB, cell_text
+from moeprep.records import manifest as mf
 from moeprep.records.results import FlashAttn
 from moeprep.stages.plan import plan_file
 from moeprep.stages.plan import tiers as table
@@ -33,7 +34,7 @@ def test_tiers_pick_the_placement_with_the_most_on_the_gpu_that_fits(converted_p
                           "--flash-attn auto --fit off")
     assert cpu_moe.command.split(" --ctx-size")[0].endswith("--cpu-moe")
     assert cell_text(none) == "does not fit"
-    assert cell_text(gpu_cell) == f"all on GPU: GPU {gpu_cell.gpu_bytes / 2**20:.0f} MiB, RAM 0 MiB"
+    assert cell_text(gpu_cell) == f"all on GPU: GPU {gpu_cell.gpu_bytes / 2**20:.0f} MiB, RAM 0 MiB; speed not measured"
     assert cell_text(n1).startswith("`--n-cpu-moe 1`: GPU ") and ", RAM " in cell_text(n1)
 
 
@@ -41,7 +42,9 @@ def test_tiers_cells_are_in_the_units_gpus_are_sold_in():
     from moeprep.predict.tiers import Cell
 
     cell = Cell("m.gguf", "Q4_K_M", parse("n-cpu-moe=5"), int(10.26 * GIB), int(27.5 * GIB), "llama-server ...")
-    assert cell_text(cell) == "`--n-cpu-moe 5`: GPU 10.3 GiB, RAM 27.5 GiB"
+    assert cell_text(cell) == "`--n-cpu-moe 5`: GPU 10.3 GiB, RAM 27.5 GiB; speed not measured"
+    cell.speed = "41.2 tok/s on CUDA"
+    assert cell_text(cell) == "`--n-cpu-moe 5`: GPU 10.3 GiB, RAM 27.5 GiB; 41.2 tok/s on CUDA"
 
 
 def test_tiers_commands_quote_every_argument():
@@ -91,3 +94,34 @@ def test_tiers_cli_prints_a_command_per_cell_and_json(converted_phimoe):
     assert "PREDICTED, not measured" in human.output and human.output.count("llama-server -m ") == 4 * 2
     bad = CliRunner().invoke(main, ["plan", str(converted_phimoe), "--tiers", "big"])
     assert bad.exit_code == 1 and "cannot read 'big' as GPU sizes" in bad.stderr
+
+
+def test_a_q8_0_cache_fits_a_longer_context_where_the_kv_cache_dominates(tmp_path):
+    """`plan --tiers --cache-type q8_0`: the longest context per tier, from llama.cpp's own sizings of a q8_0 cache."""
+    import json
+
+    from tests import ggufs
+
+    path = ggufs.kv_heavy(tmp_path / "long.gguf")
+    reach = {}
+    for cache in ("f16", "q8_0"):
+        result = CliRunner().invoke(main, ["plan", str(path), "--tiers", "8,24", "--cache-type", cache, "--json"])
+        assert result.exit_code == 0, result.output
+        reach[cache] = {x["gib"]: x for x in json.loads(result.stdout)["longest"]}
+    f16, q8 = reach["f16"][8]["ctx"], reach["q8_0"][8]["ctx"]
+    assert 1.7 < q8 / f16 < 2.0  # a q8_0 element is 34/64 of an f16 one; weights and compute stay
+    assert reach["q8_0"][24]["limit"] and reach["q8_0"][24]["ctx"] == 1 << 20  # the model's own limit
+    assert f16 % 256 == 0 and not reach["f16"][8]["limit"]
+    from moeprep.ggufio.probe import probe
+    from moeprep.llama.sizing import simulate
+
+    report = probe(path)
+    sims = {c: simulate(path, report, ctx=32768, cache_type=c) for c in ("f16", "q8_0")}
+    assert sims["q8_0"][0].kv * 64 == sims["f16"][0].kv * 34  # llama.cpp's allocator, not a formula
+    assert all(s.flash_attn == "on" for s in sims["q8_0"])  # a quantized V cache is sized with flash attention only
+
+
+def test_the_manifest_records_plans_for_both_cache_types(converted_phimoe):
+    m = mf.load(converted_phimoe)
+    for a in m.artifacts:
+        assert {r.cache_type for r in a.plans} == {"f16", "q8_0"}

@@ -114,7 +114,7 @@ def sample_outputs(manifest: Manifest, artifacts: list[mf.Artifact]) -> dict | N
 
 def plan_rows(artifact: mf.Artifact) -> tuple[str, list[list[str]]]:
     """The offload plan of one file at CARD_CTX tokens, from the sizings its record keeps."""
-    rec = next((r for r in artifact.plans if r.ctx == CARD_CTX), None)
+    rec = next((r for r in artifact.plans if r.ctx == CARD_CTX and r.cache_type == "f16"), None)
     if rec is None or artifact.probe is None:
         return f"No plan of `{cell(artifact.path)}` at {CARD_CTX} tokens is recorded.", []
     p = from_record(artifact.probe, rec)
@@ -151,6 +151,8 @@ def tier_tables(t: TierTable, usage: mf.Artifact) -> dict:
                f"the cell says.")
     if any(c.measured for tier in t.tiers for c in tier.cells):
         caption += " † a GPU smoke measured this file in this placement (at its own context)."
+    caption += (" Speeds are the decode tok/s a smoke measured for that file and placement (its own context and "
+                "backend; `moeprep smoke --sweep` measures every placement), else \"speed not measured\".")
     return {"caption": caption, "tables": tables, "commands": commands}
 
 
@@ -218,11 +220,13 @@ def context(m: Manifest, repo: RepoCard, record: CardRecord) -> dict:
         "quality": {"columns": QUALITY_COLUMNS, "rows": quality_rows(m, repo.artifacts)},
         "samples": sample_outputs(m, repo.artifacts),
         "plot": PLOT if m.smoke and any(m.smoke_result(a) for a in m.artifacts) else None,
+        "curves": [c.quant for c in sections.offload_curves(m)],
         "method": method_lines(m),
         "mixes": mix_lines(repo.artifacts),
         "plan": {"caption": caption, "rows": rows},
         "tiers": tier_tables(table, usage),
         "choose": sections.choose(m, table, repo.repo_id),
+        "longest": sections.longest(table),
         "fetch": sections.fetch(m, repo.artifacts, repo.repo_id),
         "chat": sections.chat(m),
         "contents": sections.contents(repo.artifacts),
@@ -232,6 +236,9 @@ def context(m: Manifest, repo: RepoCard, record: CardRecord) -> dict:
         "siblings": [{"quant": q, "url": url(r)} for q, r in repo.siblings.items()],
         "provenance": provenance_lines(m, record.endpoint),
         "tools": m.tools,
+        "changelog": [{"date": e.date, "before": e.llama_cpp_before, "after": e.llama_cpp_after,
+                       "changes": [[f"`{cell(c.file)}`", cell(c.what), cell(c.before), cell(c.after)] for c in e.changes]}
+                      for e in reversed(m.changelog)],
     }
 
 
@@ -342,9 +349,19 @@ def _imatrix_line(m: Manifest) -> str:
     i = m.imatrix
     if not used or not i:
         return "Importance matrix: none was used for any file."
+    if i.coverage is None:
+        reach = "its expert coverage was not recorded"
+    elif not i.coverage:
+        reach = "no per-expert counts (a dense model, or a legacy .dat file)"
+    elif not (missing := [x for x in i.coverage if x.missing]):
+        reach = (f"every expert of every layer received calibration tokens (at least "
+                 f"{min(x.tokens_min for x in i.coverage)} each)")
+    else:
+        reach = (f"{i.uncovered()} experts in {len(missing)} layers received none, so llama.cpp quantized them "
+                 f"without importance weights ({'; '.join(f'blk.{x.block}: {len(x.missing)} of {x.experts}' for x in missing[:6])})")
     return (f"Importance matrix: computed with {i.tool} from the F16 on "
             f"`{cell(i.text)}` (sha256 {i.text_sha256[:12]}…), used for {', '.join(used)}; "
-            f"`imatrix.gguf` has sha256 {i.sha256[:12]}….")
+            f"`{cell(i.path)}` (sha256 {i.sha256[:12]}…) is published beside the files; expert coverage: {reach}.")
 
 
 def render(m: Manifest, repo: RepoCard, record: CardRecord, template: Path | None = None) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import dataclass
 
 from moeprep.predict.tiers import TierTable, command, gib
 from moeprep.quants import MIXES
@@ -88,7 +89,7 @@ def _run_commands(repo_id: str | None, a: Artifact | None, file: str, placement,
 def ram_cpu_only(a: Artifact) -> int | None:
     """Bytes of system memory the file needs with no GPU, predicted: its tensors, and the KV cache and compute
     buffer llama.cpp's allocator sized on the CPU backend at RAM_CTX tokens (flash attention as the CPU runs it)."""
-    rec = next((r for r in a.plans if r.ctx == RAM_CTX), None)
+    rec = next((r for r in a.plans if r.ctx == RAM_CTX and r.cache_type == "f16"), None)
     if rec is None or a.probe is None:
         return None
     cpu = [s for s in rec.simulations if s.placement is None and s.device == "CPU"]
@@ -209,3 +210,54 @@ def reproduce(m: Manifest, artifacts: list[Artifact]) -> dict:
 def ram_cell(a: Artifact) -> str:
     ram = ram_cpu_only(a)
     return gib(ram) if ram is not None else "not predicted"
+
+
+def longest(table: TierTable) -> dict | None:
+    """Per GPU size and file, the longest context that fits with each cache type the manifest sized."""
+    if not table.longest:
+        return None
+    files = list(dict.fromkeys((x.file, x.quant) for x in table.longest))
+    types = list(dict.fromkeys(x.cache_type for x in table.longest))
+    rows = []
+    for size in sorted({x.gib for x in table.longest}):
+        row = [f"{size:g} GiB"]
+        for file, _ in files:
+            parts = []
+            for t in types:
+                x = next((y for y in table.longest if (y.gib, y.file, y.cache_type) == (size, file, t)), None)
+                if x is not None:
+                    shown = "does not fit" if x.ctx is None else f"{x.ctx:,}" + (" (all)" if x.limit else "")
+                    parts.append(f"{t} {shown}")
+            row.append(", ".join(parts) or "not sized")
+        rows.append(row)
+    return {"quants": [q for _, q in files], "rows": rows, "types": types}
+
+
+@dataclass
+class Curve:
+    quant: str
+    placements: list[str]
+    memory: list[int]  # bytes on the GPU per placement: measured where a GPU was, else the probe's weights
+    tps: list[float]
+    measured_memory: bool
+
+
+def offload_curves(manifest: Manifest) -> list[Curve]:
+    """Per file smoked in three placements or more (`smoke --sweep`), decode speed against GPU memory."""
+    curves = []
+    for a in manifest.artifacts:
+        result = manifest.smoke_result(a)
+        if result is None or len(result.placements) < 3 or a.probe is None:
+            continue
+        points = []
+        for name, r in result.placements.items():
+            offload = a.probe.placement(name)
+            measured = r.gpu_mib()
+            memory = measured * 2**20 if measured is not None else (offload.bytes_on_gpu if offload else None)
+            if memory is not None and r.decode_tps.mean is not None:
+                points.append((int(memory), r.decode_tps.mean, name, measured is not None))
+        points.sort()
+        if len(points) >= 3:
+            curves.append(Curve(a.quant, [p[2] for p in points], [p[0] for p in points], [p[1] for p in points],
+                                all(p[3] for p in points)))
+    return curves

@@ -173,6 +173,12 @@ def tier_lines(t) -> list[str]:
                     continue
                 lines.append(f"    {c.quant:<10} {c.placement:<13} GPU {hb(c.gpu_bytes):>11}  RAM {hb(c.ram_bytes):>11}  "
                              f"{c.command}" + ("  (a GPU smoke measured this placement)" if c.measured else ""))
+    if t.longest:
+        lines.append(f"longest context that fits, {t.cache_type} K and V caches (linear between llama.cpp's sizings):")
+        for x in t.longest:
+            reach = ("does not fit" if x.ctx is None else
+                     f"{x.ctx} tokens{' (the longest sized: the model limit)' if x.limit else ''} as {x.placement}")
+            lines.append(f"  {x.gib:g} GiB  {x.quant:<10} {reach}")
     return lines
 
 

@@ -14,6 +14,7 @@ from moeprep.lock import locked
 from moeprep.records import manifest as mf
 
 GROUPS = ("prepare", "smoke", "publish")  # release/run.py's GROUPS, named here so that `--help` imports nothing heavy
+REVALIDATE = "revalidate"  # the monthly re-validation's matrix (release/run.py)
 
 
 @main.command()
@@ -173,8 +174,46 @@ def release(recipe: Path, stages: str | None, quants: tuple[str, ...], out: Path
 
 
 @main.command()
+@click.argument("spec", metavar="ORG/NAME[@REVISION]")
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Where the files are pulled and smoked (a directory of their own).")
+@click.option("--no-quality", is_flag=True, help="Compare speed and placements only: do not pull the F16 to measure "
+                                                 "KL divergence again.")
+@click.option("--speed-tolerance", type=click.FloatRange(0.0, 10.0), default=0.2, show_default=True,
+              help="The least relative change of a decode speed that counts, beyond 3 standard deviations.")
+@click.option("--dry-run", is_flag=True, help="Measure and compare; commit nothing.")
+@json_option
+def revalidate(spec: str, out: Path, no_quality: bool, speed_tolerance: float, dry_run: bool, as_json: bool) -> None:
+    """Smoke a published repo's files with this llama.cpp and compare with its card.
+
+    Pulls the repo's manifest and files (each sha256 checked), smokes them with the settings the
+    manifest records, on the kind of machine that measured them, and compares: a speed outside its
+    recorded spread (and --speed-tolerance), a placement that now fails, a mean KLD that moved. Nothing
+    moved: nothing is committed. Something moved: a new card with a dated changelog entry naming
+    both llama.cpp commits and every figure that moved, in one commit that says why.
+
+    \b
+    Example:
+      moeprep revalidate me/Phi-3.5-MoE-instruct-GGUF --out work/revalidate
+    """
+    from moeprep.stages.pull import parse
+    from moeprep.stages.revalidate import revalidate as run
+
+    parse(spec)  # a bad repo id is refused before --out is made
+    with locked(out, f"revalidate {spec}"):
+        outcome = run(spec, out, quality=not no_quality, dry_run=dry_run, speed_tolerance=speed_tolerance,
+                      status=status)
+    output.notes(outcome)
+    result = outcome.result
+    assert result is not None  # revalidate always says what it compared
+    emit(result, as_json, lambda r: [f"{c.file}: {c.what}: {c.before} -> {c.after}" for c in r.changes]
+         + [("changed: " + (f"committed {r.commit}" if r.commit else "nothing committed (dry run)")) if r.changed
+            else "unchanged: nothing committed"])
+
+
+@main.command()
 @click.argument("folder", type=click.Path(path_type=Path), default=Path("recipes"))
-@click.option("--group", type=click.Choice(GROUPS), help="Only this stage group.")
+@click.option("--group", type=click.Choice([*GROUPS, REVALIDATE]), help="Only this stage group.")
 @json_option
 def matrix(folder: Path, group: str | None, as_json: bool) -> None:
     """Print the GitHub Actions matrix (JSON) for scheduled releases.

@@ -133,7 +133,13 @@ def imatrix(file: Path, text: Path, out: Path | None, ctx: int, chunks: int, as_
     out = out or file.parent / "imatrix.gguf"
     with writing(out.parent, "imatrix"):
         record = stage.make(file, text, out, ctx, chunks)
-    emit({"imatrix": out, **vars(record)}, as_json, lambda r: [f"{record.sha256}  {out} (from {record.text}, {record.tool})"])
+    from moeprep.llama.imatrix import coverage_lines
+
+    if record.uncovered():
+        status(f"warning: {record.uncovered()} experts received no calibration tokens; llama.cpp will quantize them "
+               "without importance weights")
+    emit({"imatrix": out, **vars(record)}, as_json,
+         lambda r: [f"{record.sha256}  {out} (from {record.text}, {record.tool})", *coverage_lines(record.coverage or [])])
 
 
 @main.command()
@@ -156,6 +162,8 @@ def probe(file: Path, all_n: bool, as_json: bool) -> None:
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--placement", "placements", multiple=True, metavar="gpu|cpu-moe|n-cpu-moe=N",
               help="Placement to measure; repeat for more. [default: gpu and cpu-moe]")
+@click.option("--sweep", is_flag=True, help="The offload curve: gpu, n-cpu-moe=N for every N (about eight on a large "
+                                          "model) and cpu-moe, instead of --placement.")
 @click.option("--runs", type=click.IntRange(1, MAX_RUNS), default=3, show_default=True, help="Timed runs after one warm-up.")
 @click.option("--ctx", type=click.IntRange(64, MAX_CTX), default=512, show_default=True,
               help="Context size; at most the model's trained context.")
@@ -178,7 +186,7 @@ def probe(file: Path, all_n: bool, as_json: bool) -> None:
 @click.option("--quality-chunks", type=click.IntRange(0, MAX_CHUNKS), default=0, show_default=True,
               help="Chunks to score, as llama-perplexity's --chunks (0: every whole chunk of the text).")
 @json_option
-def smoke(target, placements, runs, ctx, new_tokens, threads, flash_attn, n_batch, n_ubatch, reference, quality_text,
+def smoke(target, placements, sweep, runs, ctx, new_tokens, threads, flash_attn, n_batch, n_ubatch, reference, quality_text,
           quality_ctx, quality_chunks, as_json) -> None:
     """Load every GGUF with llama.cpp in each placement; measure speed, memory and quality.
 
@@ -192,6 +200,7 @@ def smoke(target, placements, runs, ctx, new_tokens, threads, flash_attn, n_batc
     Example:
       moeprep smoke Phi-3.5-MoE-instruct-GGUF --placement gpu --placement n-cpu-moe=8 --json
       moeprep smoke Phi-3.5-MoE-instruct-GGUF --quality-ctx 512 --quality-chunks 8
+      moeprep smoke Phi-3.5-MoE-instruct-GGUF/Phi-3.5-MoE-instruct-Q4_K_M.gguf --sweep
     """
     from moeprep import placement
     from moeprep.records.results import FlashAttn, SmokeSettings
@@ -199,8 +208,11 @@ def smoke(target, placements, runs, ctx, new_tokens, threads, flash_attn, n_batc
 
     settings = SmokeSettings(runs=runs, ctx=ctx, new_tokens=new_tokens, threads=threads, flash_attn=FlashAttn(flash_attn),
                              n_batch=n_batch, n_ubatch=n_ubatch, quality_ctx=quality_ctx, quality_chunks=quality_chunks)
+    if placements and sweep:
+        raise MoeprepError("--sweep chooses the placements itself", "give --sweep or --placement, not both")
     if placements:
         settings.placements = [placement.parse(p) for p in placements]
+    settings.sweep = sweep
     with writing(target if target.is_dir() else target.parent, f"smoke {target}"):
         report = stage.run(target, settings, reference=reference, quality_text=quality_text, status=status).result
     emit(report, as_json, output.smoke_lines)
@@ -219,6 +231,8 @@ def smoke(target, placements, runs, ctx, new_tokens, threads, flash_attn, n_batc
               help="Logical batch (n_batch); llama.cpp caps n_ubatch at it and it at --ctx. llama-server's default.")
 @click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Flash attention, as llama-server's -fa; auto predicts the larger of on and off where the build cannot tell.")
+@click.option("--cache-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+              help="K and V cache type, as llama-server's -ctk/-ctv (a quantized V cache needs flash attention).")
 @click.option("--vram", help="GPU memory to fit, with a unit: 24GiB, 16GB; names the smallest --n-cpu-moe that fits.")
 @click.option("--tiers", is_flag=False, flag_value=",".join(map(str, TIERS_GIB)), default=None, metavar="[GIB,...]",
               help="The tier table for FILE or every file of DIR: which placement fits each GPU size (GiB; "
@@ -226,8 +240,8 @@ def smoke(target, placements, runs, ctx, new_tokens, threads, flash_attn, n_batc
 @click.option("--headroom", help="With --tiers: memory kept free below each size for the CUDA runtime, e.g. 1GiB. "
                                  "[default: measured by a GPU smoke, else 1GiB]")
 @json_option
-def plan(file: Path, ctx: int, ubatch: int, batch: int, flash_attn: str, vram: str | None, tiers: str | None,
-         headroom: str | None, as_json: bool) -> None:
+def plan(file: Path, ctx: int, ubatch: int, batch: int, flash_attn: str, cache_type: str, vram: str | None,
+         tiers: str | None, headroom: str | None, as_json: bool) -> None:
     """Predict GPU memory for each placement from the GGUF alone (no GPU needed).
 
     Weights, KV cache and compute buffer, each labelled a prediction with its method; llama.cpp's own
@@ -248,11 +262,12 @@ def plan(file: Path, ctx: int, ubatch: int, batch: int, flash_attn: str, vram: s
         from moeprep.stages.plan import tiers as table
 
         room = parse_size(headroom, "headroom") / 2**20 if headroom else None
-        emit(table(file, tiers_gib=parse_tiers(tiers), flash_attn=flash_attn, headroom_mib=room), as_json,
-             output.tier_lines)
+        emit(table(file, tiers_gib=parse_tiers(tiers), flash_attn=flash_attn, headroom_mib=room,
+                   cache_type=cache_type), as_json, output.tier_lines)
         return
     size = parse_size(vram, "GPU memory size") if vram else None
-    emit(plan_file(file, ctx, size, ubatch=ubatch, batch=batch, flash_attn=flash_attn), as_json, output.plan_lines)
+    emit(plan_file(file, ctx, size, ubatch=ubatch, batch=batch, flash_attn=flash_attn, cache_type=cache_type), as_json,
+         output.plan_lines)
 
 
 @main.command()

@@ -39,7 +39,7 @@ def run(kind: str, out: Path, *, runs: int = 3, status=lambda line: None) -> Dem
         plan = quants.plan(source.name)
         # 8 chunks of 512 (2,040 scored tokens) of the evaluation text: the whole text would add minutes
         job = Job(str(source), folder, plan, LocalStore(), status=status,
-                  smoke=SmokeSettings(runs=runs, quality_ctx=512, quality_chunks=8))
+                  smoke=SmokeSettings(runs=runs, quality_ctx=512, quality_chunks=8, sweep=True))
         done = pipeline.run(job, [*pipeline.PREPARE, Stage.SMOKE, Stage.CARD])
         q4 = plan_file(folder / quants.artifact_name(source.name, "Q4_K_M"))
     converted = pipeline.merged({s: o for s, o in done.items() if s in pipeline.PREPARE}, mf.load(folder))

@@ -25,6 +25,7 @@ from moeprep.ggufio.probe import read, value
 from moeprep.inputs import check_file
 from moeprep.limits import MAX_CALIBRATION_TEXT, MAX_IMATRIX
 from moeprep.llama.build import program, versions
+from moeprep.records.manifest import LayerCoverage
 
 
 class ToolError(MoeprepError):
@@ -91,6 +92,51 @@ def load(path: Path) -> Imatrix:
         raise MoeprepError(f"{path} holds no importance data", "compute it again with `moeprep imatrix`")
     entries = {name: (_by_counts if gguf else _by_calls)(sums[name], counts[name]) for name in sorted(sums)}
     return Imatrix(path.name, entries, datasets, chunks)
+
+
+_EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(up|gate_up|gate|down)_exps\.weight$")
+
+
+def coverage(path: Path) -> list[LayerCoverage]:
+    """Per layer, the tokens each expert received while llama-imatrix ran, from the GGUF's per-expert counts (one
+    expert tensor per layer stands for the layer: every expert tensor of a layer sees the same tokens). An expert
+    with none gets no importance weights: llama-quantize treats its columns as all equally important."""
+    path = Path(path)
+    check_file(path, MAX_IMATRIX, "importance matrix", "compute one with `moeprep imatrix`")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return []  # the legacy .dat keeps one call count per tensor, not one per expert
+    _, counts, _, _ = _read_gguf(path)
+    by_block: dict[int, np.ndarray] = {}
+    for name in sorted(counts):
+        if (m := _EXPERTS.match(name)) and int(m.group(1)) not in by_block and counts[name].size > 1:
+            by_block[int(m.group(1))] = counts[name]
+    out = []
+    for block, c in sorted(by_block.items()):
+        tokens = c.astype(np.int64)
+        out.append(LayerCoverage(block, int(tokens.size), int((tokens > 0).sum()), int(tokens.min()),
+                                 float(np.median(tokens)), int(tokens.max()),
+                                 [int(e) for e in np.flatnonzero(tokens == 0)]))
+    return out
+
+
+def coverage_lines(layers: list[LayerCoverage]) -> list[str]:
+    """What `moeprep imatrix` prints: a line per layer, and a summary."""
+    lines = [f"blk.{x.block}: {x.covered}/{x.experts} experts received tokens (min {x.tokens_min}, median "
+             f"{x.tokens_median:g}, max {x.tokens_max})" + (f"; none for experts {_ids(x.missing)}" if x.missing else "")
+             for x in layers]
+    missing = sum(len(x.missing) for x in layers)
+    if layers:
+        lines.append("every expert of every layer received calibration tokens" if not missing else
+                     f"{missing} experts in {sum(1 for x in layers if x.missing)} layers received no calibration "
+                     "tokens: llama.cpp quantizes them without importance weights; a longer or more varied text "
+                     "reaches more")
+    return lines
+
+
+def _ids(experts: list[int], most: int = 12) -> str:
+    shown = ", ".join(map(str, experts[:most]))
+    return shown + (f" and {len(experts) - most} more" if len(experts) > most else "")
 
 
 def _by_counts(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -70,16 +70,18 @@ def read_simulation(text: str, placement: Placement | None, seconds: float = 0.0
 
 
 def simulate(path: Path, report: ProbeReport, *, ctx: int, ubatch: int = DEFAULT_UBATCH, batch: int = DEFAULT_BATCH,
-             flash_attn: FlashAttn | str = DEFAULT_FLASH_ATTN) -> list[Simulation]:
+             flash_attn: FlashAttn | str = DEFAULT_FLASH_ATTN, cache_type: str = "f16") -> list[Simulation]:
     """Let llama.cpp size `path`'s KV cache and compute buffer for these settings, without allocating anything.
 
     Both flash attention states are simulated, so the plan can show both; with a GPU backend every placement is
     simulated on it with its overrides, and `auto` once more so that llama.cpp resolves it. On the CPU backend the
     overrides change nothing (every buffer is host memory), so one run per state serves every placement.
+    `cache_type` is llama-server's -ctk/-ctv for both caches; a quantized V cache runs only with flash attention
+    (llama.cpp refuses the context otherwise), so only that state is sized for one.
     """
     asked = FlashAttn(flash_attn)
     on_gpu = any(d["type"] in ("GPU", "IGPU") for d in devices())
-    states = [FlashAttn.ON, FlashAttn.OFF]
+    states = [FlashAttn.ON, FlashAttn.OFF] if cache_type in ("f16", "f32", "bf16") else [FlashAttn.ON]
     runs: list[tuple[Placement | None, list[str], FlashAttn]] = []
     if on_gpu:
         runs = [(p.name, p.patterns, fa) for p in report.placements for fa in states]
@@ -89,7 +91,8 @@ def simulate(path: Path, report: ProbeReport, *, ctx: int, ubatch: int = DEFAULT
         runs = [(None, [], fa) for fa in states]
     out = []
     for name, patterns, fa in runs:
-        params = ContextParams(n_ctx=ctx, n_batch=batch, n_ubatch=ubatch, threads=physical_cores(), flash_attn=fa)
+        params = ContextParams(n_ctx=ctx, n_batch=batch, n_ubatch=ubatch, threads=physical_cores(), flash_attn=fa,
+                               cache_type_k=cache_type, cache_type_v=cache_type)
         start = time.perf_counter()
         text = simulate_context(path, patterns=patterns, params=params)
         try:

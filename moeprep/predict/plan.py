@@ -219,16 +219,18 @@ class Plan:
     n_ubatch: int | None = None
     simulations: list[Simulation] = field(default_factory=list)
     measured_note: str | None = None  # what a recorded smoke can be compared with
+    cache_type: str = "f16"  # the K and V cache type (llama-server's -ctk/-ctv)
 
 
-def resolve_flash_attn(report: ProbeReport, asked: FlashAttn, sims: list[Simulation]) -> tuple[FlashAttn, str]:
+def resolve_flash_attn(report: ProbeReport, asked: FlashAttn, sims: list[Simulation],
+                       cache_type: str = "f16") -> tuple[FlashAttn, str]:
     """What flash attention runs as on the CUDA build users run, and how that was decided."""
     if asked is not FlashAttn.AUTO:
         return asked, f"flash attention {asked}, as asked"
     resolved = next((s for s in sims if s.asked is FlashAttn.AUTO), None)
     if resolved is not None:
         return resolved.flash_attn, f"flash attention auto: llama.cpp resolved it to {resolved.flash_attn} on {resolved.device}"
-    on, why = cuda_flash_attn(report)
+    on, why = cuda_flash_attn(report, cache_type, cache_type)
     state = FlashAttn.ON if on else FlashAttn.OFF
     return state, (f"flash attention auto: predicted {state} for a CUDA build, as llama_context::resolve_fused_ops "
                    f"resolves it: {why}; this build has no GPU backend to ask. The figure for the other state is in "
@@ -238,8 +240,8 @@ def resolve_flash_attn(report: ProbeReport, asked: FlashAttn, sims: list[Simulat
 def predict(report: ProbeReport, ctx: int = 4096, vram: int | None = None, smoke: FileResult | None = None, *,
             simulations: list[Simulation] | None = None, batch: int = DEFAULT_BATCH, ubatch: int = DEFAULT_UBATCH,
             flash_attn: FlashAttn | str = DEFAULT_FLASH_ATTN, smoke_ctx: int | None = None,
-            compute_not_included: str = COMPUTE_NOT_INCLUDED) -> Plan:
-    """The plan for a probed file.
+            compute_not_included: str = COMPUTE_NOT_INCLUDED, cache_type: str = "f16") -> Plan:
+    """The plan for a probed file, with a `cache_type` K and V cache (llama-server's -ctk/-ctv).
 
     `simulations` are llama.cpp's sizings of this file's context (see `simulate`); without them the KV cache is
     a formula, the compute buffer is left out and `compute_not_included` says why. `smoke` is a recorded smoke
@@ -255,11 +257,15 @@ def predict(report: ProbeReport, ctx: int = 4096, vram: int | None = None, smoke
     if n_ctx != ctx:
         kv_method += f" (llama.cpp rounds ctx {ctx} up to {n_ctx})"
     plan = Plan(report.file, ctx, vram, report.bytes["total"], report.bytes["input_layer"], kv_method, report.is_moe,
-                batch=batch, ubatch=ubatch, flash_attn=asked, simulations=list(simulations or []))
+                batch=batch, ubatch=ubatch, flash_attn=asked, simulations=list(simulations or []), cache_type=cache_type)
     if sims:
         plan.n_ctx, plan.n_batch, plan.n_ubatch = n_ctx, sims[0].n_batch, sims[0].n_ubatch
         plan.compute_buffer = _compute_method(sims, report.is_moe)
-        plan.flash_attn_used, plan.flash_attn_note = resolve_flash_attn(report, asked, simulations or [])
+        plan.flash_attn_used, plan.flash_attn_note = resolve_flash_attn(report, asked, simulations or [], cache_type)
+        if cache_type not in ("f16", "f32", "bf16") and plan.flash_attn_used is FlashAttn.OFF:
+            plan.compute_buffer = (f"not predicted: a {cache_type} V cache needs flash attention, and it runs off here "
+                                   f"({plan.flash_attn_note}): llama.cpp refuses such a context")
+            plan.flash_attn_used = None
     else:
         plan.compute_buffer = compute_not_included
     for p in report.placements:
@@ -373,7 +379,7 @@ def from_record(report: ProbeReport, rec: PlanRecord, vram: int | None = None, s
                 smoke_ctx: int | None = None, flash_attn: FlashAttn | str = DEFAULT_FLASH_ATTN) -> Plan:
     """The plan a record makes: the same computation as `plan_file`, from the sizings kept in the manifest."""
     return predict(report, rec.ctx, vram, smoke, simulations=rec.simulations, batch=rec.n_batch, ubatch=rec.n_ubatch,
-                   flash_attn=flash_attn, smoke_ctx=smoke_ctx,
+                   flash_attn=flash_attn, smoke_ctx=smoke_ctx, cache_type=rec.cache_type,
                    compute_not_included=f"not included: {rec.why_not}" if rec.why_not else COMPUTE_NOT_INCLUDED)
 
 

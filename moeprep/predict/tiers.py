@@ -35,6 +35,7 @@ class Cell:
     ram_bytes: int | None  # weights left in system memory (experts moved, token_embd)
     command: str | None
     measured: bool = False  # a GPU smoke measured this file in this placement (at the smoke's context)
+    speed: str | None = None  # the decode speed a smoke measured in this placement, with where: "41.2 tok/s on CUDA"
 
 
 @dataclass
@@ -51,6 +52,8 @@ class TierTable:
     headroom_method: str
     contexts: list[int]
     flash_attn: FlashAttn  # as asked; each cell's plan resolved `auto` as the CUDA build does (plan.py)
+    cache_type: str = "f16"  # the K and V cache type of the cells (llama-server's -ctk/-ctv)
+    longest: list[Longest] = field(default_factory=list)
     kind: str = "prediction"
     method: str = ("weights the placement leaves on the GPU + KV cache + compute buffer (llama.cpp's allocator, "
                    "no_alloc), each below the tier minus the headroom; see `moeprep plan FILE --ctx N`")
@@ -66,16 +69,18 @@ def cell_text(cell: Cell) -> str:
         return "does not fit"
     flags = " ".join(cell.placement.flags())
     shown = (f"`{flags}`" if flags else "all on GPU") + f": GPU {gib(cell.gpu_bytes or 0)}, RAM {gib(cell.ram_bytes or 0)}"
-    return shown + (" †" if cell.measured else "")
+    return shown + (" †" if cell.measured else "") + f"; {cell.speed or 'speed not measured'}"
 
 
-def command(file: str, placement: Placement, ctx: int, flash_attn: FlashAttn) -> str:
+def command(file: str, placement: Placement, ctx: int, flash_attn: FlashAttn, cache_type: str = "f16") -> str:
     """The llama-server command for a cell, each argument shell-quoted. `--fit off`: llama-server's --fit is on by
     default at 0c1e570 and gives up, with a warning, once --n-gpu-layers or an expert override is set
     (common/fit.cpp); off, the command does exactly what its cell says. Threads are left to llama-server's default,
     one per physical core of the machine it runs on."""
     args = ["llama-server", "-m", file, "--n-gpu-layers", "999", *placement.flags(), "--ctx-size", str(ctx),
             "--flash-attn", str(flash_attn), "--fit", "off"]
+    if cache_type != "f16":  # llama-server's default is f16
+        args += ["--cache-type-k", cache_type, "--cache-type-v", cache_type]
     return shlex.join(args)
 
 
@@ -103,21 +108,73 @@ def headroom(manifest: mf.Manifest | None, default_mib: float = HEADROOM_MIB) ->
 
 
 def from_manifest(manifest: mf.Manifest, *, tiers_gib: list[float] | None = None) -> TierTable:
-    """The tier table from the plans the manifest records: what the card shows, without any GGUF."""
-    entries = []
+    """The tier table from the plans the manifest records (f16 caches, llama-server's default), with the longest
+    context per tier for every recorded cache type: what the card shows, without any GGUF."""
+    entries, longest = [], []
     for a in manifest.artifacts:
-        plans = {r.ctx: from_record(a.probe, r) for r in a.plans} if a.probe else {}
-        entries.append((a.path, a.quant, plans, manifest.smoke_result(a)))
-    return build(entries, tiers_gib, headroom(manifest), FlashAttn.AUTO)
+        by_type: dict[str, dict[int, Plan]] = {}
+        for r in a.plans:
+            if a.probe is not None:
+                by_type.setdefault(r.cache_type, {})[r.ctx] = from_record(a.probe, r)
+        entries.append((a.path, a.quant, by_type.get("f16", {}), manifest.smoke_result(a)))
+        longest += [(a.path, a.quant, t, plans) for t, plans in sorted(by_type.items())]
+    table = build(entries, tiers_gib, headroom(manifest), FlashAttn.AUTO,
+                  backend=manifest.smoke.backend if manifest.smoke else None)
+    table.longest = longest_contexts(longest, table)
+    return table
+
+
+@dataclass
+class Longest:
+    """The longest context a file runs at on a GPU of `gib` GiB, in the placement that fits it at the shortest."""
+
+    gib: float
+    file: str
+    quant: str
+    cache_type: str
+    placement: Placement | None
+    ctx: int | None  # None: nothing fits even at the shortest context recorded
+    limit: bool  # the longest recorded context fits: the model's (or the record's) limit, not the GPU's
+
+
+def longest_contexts(entries: list[tuple[str, str, str, dict[int, Plan]]], table: TierTable) -> list[Longest]:
+    """For each tier, file and cache type: where the placement the tier chooses at the shortest recorded context
+    stops fitting, interpolated linearly between the two of llama.cpp's sizings around the limit (the KV cache
+    grows linearly with the context; the compute buffer nearly so), rounded down to llama.cpp's 256-cell pad."""
+    out = []
+    for file, quant, cache_type, plans in entries:
+        ctxs = sorted(plans)
+        for size in sorted({t.gib for t in table.tiers}):
+            budget = size * GIB - table.headroom_mib * 2**20
+            rows = _choices(plans[ctxs[0]]) if ctxs else []
+            first = next((r for r in rows if r.compute is not None and r.predicted_total <= budget), None)
+            if first is None:
+                out.append(Longest(size, file, quant, cache_type, None, None, False))
+                continue
+            points = [(c, r.predicted_total) for c in ctxs for r in plans[c].rows
+                      if r.placement == first.placement and r.compute is not None]
+            below = [(c, t) for c, t in points if t <= budget]
+            above = [(c, t) for c, t in points if t > budget]
+            if not above:
+                out.append(Longest(size, file, quant, cache_type, first.placement, max(c for c, _ in below), True))
+                continue
+            (c1, t1), (c2, t2) = max(below), min(above)
+            ctx = c1 + (budget - t1) * (c2 - c1) / max(t2 - t1, 1)
+            out.append(Longest(size, file, quant, cache_type, first.placement, int(ctx) // 256 * 256, False))
+    return out
 
 
 def build(entries: list[tuple[str, str, dict[int, Plan], FileResult | None]], tiers_gib: list[float] | None,
-          room: tuple[float, str], flash_attn: FlashAttn) -> TierTable:
-    """Fill the table: for each tier and context, each file's placement with the most on the GPU that fits."""
+          room: tuple[float, str], flash_attn: FlashAttn, cache_type: str = "f16", backend: str | None = None) -> TierTable:
+    """Fill the table: for each tier and context, each file's placement with the most on the GPU that fits, and the
+    longest context each file reaches per tier with that cache type."""
     ctxs = sorted({ctx for _, _, plans, _ in entries for ctx in plans})
-    result = TierTable([Tier(g, c) for c in ctxs for g in (tiers_gib or TIERS_GIB)], room[0], room[1], ctxs, flash_attn)
+    result = TierTable([Tier(g, c) for c in ctxs for g in (tiers_gib or TIERS_GIB)], room[0], room[1], ctxs, flash_attn,
+                       cache_type=cache_type)
     for name, quant, plans, smoke in entries:
         measured = {p for p, r in (smoke.placements.items() if smoke else []) if r.gpu_mib() is not None}
+        speeds = {p: f"{r.decode_tps.mean:.1f} tok/s on {backend or 'the smoke machine'}"
+                  for p, r in (smoke.placements.items() if smoke else []) if r.decode_tps.mean is not None}
         for ctx in ctxs:
             plan = plans.get(ctx)
             if plan is None:
@@ -131,7 +188,9 @@ def build(entries: list[tuple[str, str, dict[int, Plan], FileResult | None]], ti
                     continue
                 tier.cells.append(Cell(name, quant, best.placement, best.predicted_total,
                                        plan.weights_total - best.weights_on_gpu,
-                                       command(name, best.placement, ctx, flash_attn), best.placement in measured))
+                                       command(name, best.placement, ctx, flash_attn, cache_type),
+                                       best.placement in measured, speeds.get(best.placement)))
+    result.longest = longest_contexts([(n, q, cache_type, plans) for n, q, plans, _ in entries], result)
     return result
 
 

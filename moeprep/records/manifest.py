@@ -20,6 +20,7 @@ from pydantic import AfterValidator, TypeAdapter, ValidationError
 from moeprep.errors import MoeprepError
 from moeprep.files import write_json
 from moeprep.names import NAME
+from moeprep.records.changelog import ChangeEntry
 from moeprep.records.probe import ProbeReport
 from moeprep.records.results import FileResult, PlanRecord, SmokeReport
 
@@ -160,6 +161,23 @@ class CardRecord:
 
 
 @dataclass
+class LayerCoverage:
+    """How the calibration text reached one layer's experts, from the importance matrix's per-expert counts."""
+
+    block: int
+    experts: int
+    covered: int  # experts that received at least one calibration token
+    tokens_min: int
+    tokens_median: float
+    tokens_max: int
+    missing: list[int] = field(default_factory=list)  # experts that received none: llama.cpp quantizes them blind
+
+    @property
+    def complete(self) -> bool:
+        return self.covered == self.experts
+
+
+@dataclass
 class ImatrixRecord:
     path: FileName
     sha256: str
@@ -170,6 +188,10 @@ class ImatrixRecord:
     chunks: int
     quants: list[str]
     tool: str
+    coverage: list[LayerCoverage] | None = None  # None: recorded before moeprep read it; [] for a dense model
+
+    def uncovered(self) -> int:
+        return sum(len(layer.missing) for layer in self.coverage or [])
 
 
 @dataclass
@@ -181,6 +203,7 @@ class Manifest:
     smoke: SmokeReport | None = None
     imatrix: ImatrixRecord | None = None
     card: CardRecord | None = None
+    changelog: list[ChangeEntry] = field(default_factory=list)  # what re-validations found, oldest first
     format: str = FORMAT
     updated: str = ""
 
@@ -204,7 +227,15 @@ class Manifest:
 
     def listed(self) -> set[str]:
         """Every file this manifest vouches for, and itself: what no write may replace unless it makes them again."""
-        return {FILENAME} | {a.path for a in self.artifacts} | {s.path for a in self.artifacts for s in a.shards}
+        extra = {self.imatrix.path} if self.imatrix else set()
+        return {FILENAME} | extra | {a.path for a in self.artifacts} | {s.path for a in self.artifacts for s in a.shards}
+
+    def imatrix_file(self) -> UploadFile | None:
+        """The importance matrix as published beside the files made with it, where some were."""
+        i = self.imatrix
+        if i is None or not any(a.settings.imatrix == i.sha256 for a in self.artifacts):
+            return None
+        return UploadFile(i.path, -1, i.sha256, "importance matrix")  # its size is not recorded: -1
 
     def put(self, artifact: Artifact) -> None:
         self.artifacts = [a for a in self.artifacts if a.quant != artifact.quant] + [artifact]

@@ -34,6 +34,7 @@ class Stage(StrEnum):
     PROMOTE = "promote"
     PUSH = "push"
     PULL = "pull"
+    REVALIDATE = "revalidate"
 
 
 T = TypeVar("T")

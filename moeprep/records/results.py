@@ -288,6 +288,7 @@ class SmokeSettings:
     quality_ctx: int = 512  # tokens per chunk, llama-perplexity's -c
     quality_chunks: int = 0  # chunks scored; 0: every whole chunk of the text
     placements: list[Placement] = field(default_factory=lambda: [GPU, CPU_MOE])
+    sweep: bool = False  # the offload curve: gpu, a spread of n-cpu-moe=N and cpu-moe, resolved per model
 
     def __post_init__(self) -> None:  # as given on a command line or in a recipe: parsed once, here
         self.flash_attn = FlashAttn.parse(self.flash_attn)
@@ -297,7 +298,7 @@ class SmokeSettings:
         """What a smoke was asked to measure. Threads are left out: they follow the runner (one per physical core),
         and the machine is compared on its own (Hardware.machine)."""
         return (self.runs, self.ctx, self.new_tokens, FlashAttn.parse(self.flash_attn), self.n_batch, self.n_ubatch,
-                self.prompt, self.warmup_runs, tuple(self.placements))
+                self.prompt, self.warmup_runs, self.sweep, () if self.sweep else tuple(self.placements))
 
     def quality_key(self) -> tuple:
         """What decides a quality figure: the text by its bytes, its chunking and batches, and the greedy prompt."""

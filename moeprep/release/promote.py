@@ -132,7 +132,8 @@ def promote(out: Path, r: Recipe, staged: Staged | None = None, *, status: Statu
     if problems := lint(card, m, check_files=False):
         raise MoeprepError(f"card lint failed for {card} ({len(problems)} problems; first: {problems[0]})",
                            "nothing was promoted")
-    files = [f for a in m.artifacts for f in a.upload_files()]
+    imatrix = m.imatrix_file()
+    files = [f for a in m.artifacts for f in a.upload_files()] + ([imatrix] if imatrix else [])
     for f in files:
         if not staged.holds(f.path, f.sha256):
             raise IntegrityError(f"{staged.repo_id}@{staged.branch} (commit {staged.commit[:12]}) does not hold "

@@ -121,6 +121,7 @@ class Smoke(Section):
     # KL divergence chunks of the evaluation text (0: all of it). A release measures quality on the prepare
     # runner's CPU, once per file: fewer chunks bound that time for an 80 GB model.
     quality_chunks: int = Field(0, ge=0, le=MAX_CHUNKS)
+    sweep: bool = False  # the offload curve (moeprep smoke --sweep) instead of `placements`
 
 
 def _branch(name: str) -> str:

@@ -38,6 +38,7 @@ GROUPS: dict[str, list[Stage]] = {  # how scheduled CI splits a release into job
 }
 STAGES = [s for group in GROUPS.values() for s in group]  # a release's stages, in pipeline order
 PREPARE = GROUPS["prepare"]
+REVALIDATE = "revalidate"  # not a release's group: the monthly job that smokes what is published
 
 
 def parse_stages(text: str | None) -> list[Stage]:
@@ -215,14 +216,18 @@ def dry_run(path: Path, *, stages: list[Stage] | None = None, out: Path | None =
 
 def matrix(folder: Path, group: str | None = None) -> dict:
     """The GitHub Actions matrix for scheduled releases: one prepare and one publish job per recipe, one smoke
-    job per recipe x quant, each with its runner and its estimated bytes, disk and minutes (capacity.py)."""
+    job per recipe x quant, each with its runner and its estimated bytes, disk and minutes (capacity.py); and for
+    the monthly re-validation (group `revalidate`), one GPU job per recipe's published repo."""
     groups = [group] if group else list(GROUPS)
     for g in groups:
-        if g not in GROUPS:
-            raise MoeprepError(f"unknown stage group {short(g)}", f"groups: {', '.join(GROUPS)}")
-    include = []
+        if g not in GROUPS and g != REVALIDATE:
+            raise MoeprepError(f"unknown stage group {short(g)}", f"groups: {', '.join([*GROUPS, REVALIDATE])}")
+    include: list[dict[str, object]] = []
     for path in discover(folder):
         r = load_recipe(path)
+        if REVALIDATE in groups:
+            include.append({"recipe": str(path), "name": r.name, "group": REVALIDATE, "repo_id": r.hub.repo_id,
+                            "runner": "gpu", "runs_on": ["self-hosted", "gpu"]})
         for job in jobs(r):
             if job.group not in groups:
                 continue

@@ -51,7 +51,7 @@ def smoked_labels(r: Recipe) -> list[str]:
 def smoke_settings(r: Recipe) -> SmokeSettings:
     s = r.smoke
     return SmokeSettings(runs=s.runs, ctx=s.ctx, new_tokens=s.tokens, placements=[Placement(p) for p in s.placements],
-                         quality_chunks=s.quality_chunks)
+                         quality_chunks=s.quality_chunks, sweep=s.sweep)
 
 
 @cache
@@ -141,7 +141,9 @@ def stage(out: Path, r: Recipe, *, status: Status = quiet) -> Outcome:
     token_check()
     staging = HubRepo(r.hub.repo_id, r.hub.staging)
     remote = staging.files()
-    wanted = [Want(f.path, f.sha256, local=out / f.path) for a in m.artifacts for f in a.upload_files()]
+    imatrix = m.imatrix_file()
+    wanted = [Want(f.path, f.sha256, local=out / f.path)
+              for f in [f for a in m.artifacts for f in a.upload_files()] + ([imatrix] if imatrix else [])]
     # The staged manifest is prepare's record: smoke results and the card's record reach the manifest only at
     # publish (on one machine the directory's manifest may hold them from an earlier publish), and a new timestamp
     # alone changes nothing.
@@ -204,6 +206,8 @@ def prepared(r: Recipe, commit: str | None) -> tuple[mf.Manifest | None, str]:
                 return None, f"staging lacks {f.path} with the sha256 the manifest lists"
         if a.probe is not None and not a.plans:
             return None, f"staging's manifest records no plan of {a.path}"
+    if (imatrix := m.imatrix_file()) and not staged.holds(imatrix.path, imatrix.sha256):
+        return None, f"staging lacks {imatrix.path} with the sha256 the manifest lists"
     q = staged.quality
     if (q is None or q.reference_sha256 != base.sha256 or q.settings.quality_key() != measure.resolved(smoke_settings(r))[0].quality_key()
             or any(q.current(a) is None for a in m.artifacts if a is not base)):

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 from moeprep.card.layout import repos
 from moeprep.card.lint import lint_text
 from moeprep.card.render import PLOT, base_model, render
+from moeprep.card.sections import offload_curves
 from moeprep.errors import IntegrityError, MoeprepError
 from moeprep.files import matches, write_aside, write_text
 from moeprep.hub.repo import endpoint
@@ -114,7 +115,8 @@ def plot(manifest: Manifest, out: Path) -> Path | None:
     has_vram = any(r.gpu_mib() is not None for _, e in entries for r in e.placements.values())
     quality = [(a, e.quality) for a in manifest.artifacts if (e := manifest.smoke_result(a)) and e.quality
                and e.quality.finite]
-    panels = 1 + has_vram + bool(quality)
+    curves = offload_curves(manifest)
+    panels = 1 + has_vram + bool(quality) + bool(curves)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
     width = 0.8 / len(placements)
     for i, p in enumerate(placements):
@@ -127,6 +129,17 @@ def plot(manifest: Manifest, out: Path) -> Path | None:
     for ax, title in zip(axes[0], ["decode tok/s (mean ± sd)", "GPU: model + KV + compute buffers (MiB)"][:1 + has_vram], strict=False):
         ax.set_xticks([j + width * (len(placements) - 1) / 2 for j in range(len(entries))], [q for q, _ in entries])
         ax.set_title(title)
+        ax.legend()
+    if curves:  # the offload curve: how much speed each GiB left on the GPU buys, one line per file
+        ax = axes[0][-1 - bool(quality)]
+        measured_x = all(c.measured_memory for c in curves)
+        for c in curves:
+            ax.plot([x / 2**20 for x in c.memory], c.tps, marker="o", label=c.quant)
+            for x, y, name in zip(c.memory, c.tps, c.placements, strict=True):
+                ax.annotate(name.removeprefix("n-cpu-moe="), (x / 2**20, y), fontsize=7)
+        ax.set_xlabel("GPU memory (MiB): " + ("model + KV + compute buffers, measured" if measured_x
+                                              else "weights left on the GPU, predicted (no GPU measured)"))
+        ax.set_title("offload curve: decode tok/s by placement")
         ax.legend()
     if quality:  # size against quality, one point per file: does a mix beat a plain quant of its size?
         ax = axes[0][-1]

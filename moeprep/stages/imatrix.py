@@ -34,7 +34,7 @@ def make(model: Path, text: Path, out: Path, ctx: int = 512, chunks: int = 0) ->
     protected = listed.listed() if listed else {mf.FILENAME}
     imatrix_file.compute(model, text, out, out.with_name(out.stem + ".log"), ctx, chunks, protected=protected)
     return ImatrixRecord(out.name, sha256_file(out), _model_sha256(model), text.name, sha256_file(text), ctx, chunks,
-                         [], imatrix_file.version())
+                         [], imatrix_file.version(), imatrix_file.coverage(out))
 
 
 def ensure(out: Path, manifest: Manifest, f16: Artifact, spec: ImatrixSpec, status: Status) -> ImatrixRecord:
@@ -47,13 +47,18 @@ def ensure(out: Path, manifest: Manifest, f16: Artifact, spec: ImatrixSpec, stat
     if (old and (old.made_from, old.text, old.text_sha256, old.ctx, old.chunks)
             == (f16.sha256, spec.text.name, text_sha, spec.ctx, spec.chunks)
             and path.is_file() and sha256_file(path) == old.sha256):
+        if old.coverage is None:  # recorded before moeprep read it: the file says
+            old.coverage = imatrix_file.coverage(path)
+            mf.save(out, manifest)
         return old
     status(f"computing the importance matrix on {spec.text.name}")
     imatrix_file.compute(out / f16.path, spec.text, path, out / "logs" / "imatrix.log", spec.ctx, spec.chunks,
                          root=out, protected=manifest.listed())
     manifest.imatrix = ImatrixRecord(path.name, sha256_file(path), f16.sha256, spec.text.name, text_sha, spec.ctx,
-                                     spec.chunks, list(spec.quants), imatrix_file.version())
+                                     spec.chunks, list(spec.quants), imatrix_file.version(), imatrix_file.coverage(path))
     mf.save(out, manifest)
+    for line in imatrix_file.coverage_lines(manifest.imatrix.coverage or [])[-1:]:
+        status(f"importance matrix: {line}")
     return manifest.imatrix
 
 

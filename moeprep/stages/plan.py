@@ -20,10 +20,12 @@ from moeprep.records.manifest import Artifact
 from moeprep.records.probe import ProbeReport
 from moeprep.records.results import FlashAttn, PlanRecord
 
+RECORDED_CACHE_TYPES = ("f16", "q8_0")  # what prepare sizes for the card: llama-server's default, and the usual saving
+
 
 def plan_file(path: Path, ctx: int = 4096, vram: int | None = None, *, ubatch: int = DEFAULT_UBATCH,
               batch: int = DEFAULT_BATCH, flash_attn: FlashAttn | str = DEFAULT_FLASH_ATTN,
-              simulate_compute: bool = True) -> Plan:
+              simulate_compute: bool = True, cache_type: str = "f16") -> Plan:
     """Plan a GGUF file; where its directory's manifest records it, use that probe and any GPU smoke of it.
 
     The KV cache and compute buffer are sized by llama.cpp itself (`simulate`) unless `simulate_compute` is off.
@@ -44,38 +46,42 @@ def plan_file(path: Path, ctx: int = 4096, vram: int | None = None, *, ubatch: i
         why = "not included: current llama.cpp cannot load this layout, so it cannot size the compute buffer"
     else:
         try:
-            sims = simulate(path, report, ctx=ctx, ubatch=ubatch, batch=batch, flash_attn=flash_attn)
+            sims = simulate(path, report, ctx=ctx, ubatch=ubatch, batch=batch, flash_attn=flash_attn,
+                            cache_type=cache_type)
         except MoeprepError as e:
             why = f"not included: {e.message}"
-    return predict(report, ctx, vram, smoke, simulations=sims, batch=batch, ubatch=ubatch, flash_attn=flash_attn,
-                   smoke_ctx=smoke_ctx, compute_not_included=why)
+    return predict(report, ctx, vram, smoke if cache_type == "f16" else None, simulations=sims, batch=batch,
+                   ubatch=ubatch, flash_attn=flash_attn, smoke_ctx=smoke_ctx, compute_not_included=why,
+                   cache_type=cache_type)
 
 
 def record(path: Path, report: ProbeReport, contexts: list[int], *, ubatch: int = DEFAULT_UBATCH,
-           batch: int = DEFAULT_BATCH) -> list[PlanRecord]:
-    """llama.cpp's sizings of `path` at each context, as the manifest keeps them (no timings: a record of the
-    same file on the same build is the same record)."""
+           batch: int = DEFAULT_BATCH, cache_types: tuple[str, ...] = RECORDED_CACHE_TYPES) -> list[PlanRecord]:
+    """llama.cpp's sizings of `path` at each context and cache type, as the manifest keeps them (no timings: a
+    record of the same file on the same build is the same record)."""
     backend = next((d["name"] for d in devices() if d["type"] in ("GPU", "IGPU")), "CPU")
     out = []
-    for ctx in contexts:
-        rec = PlanRecord(ctx, batch, ubatch, "f16", versions()["llama_cpp_commit"], backend)
-        if not report.loadable:
-            rec.why_not = "current llama.cpp cannot load this layout, so it cannot size the compute buffer"
-        else:
-            try:
-                rec.simulations = [replace(s, seconds=0.0) for s in simulate(path, report, ctx=ctx, ubatch=ubatch, batch=batch)]
-            except MoeprepError as e:
-                rec.why_not = e.message
-        out.append(rec)
+    for cache_type in cache_types:
+        for ctx in contexts:
+            rec = PlanRecord(ctx, batch, ubatch, cache_type, versions()["llama_cpp_commit"], backend)
+            if not report.loadable:
+                rec.why_not = "current llama.cpp cannot load this layout, so it cannot size the compute buffer"
+            else:
+                try:
+                    rec.simulations = [replace(s, seconds=0.0) for s in simulate(
+                        path, report, ctx=ctx, ubatch=ubatch, batch=batch, cache_type=cache_type)]
+                except MoeprepError as e:
+                    rec.why_not = e.message
+            out.append(rec)
     return out
 
 
 def current(records: list[PlanRecord], contexts: list[int]) -> bool:
-    """Records made by this llama.cpp build, for every context asked."""
+    """Records made by this llama.cpp build, for every context and cache type the card shows."""
     backend = next((d["name"] for d in devices() if d["type"] in ("GPU", "IGPU")), "CPU")
     commit = versions()["llama_cpp_commit"]
-    have = {r.ctx for r in records if (r.llama_cpp, r.backend) == (commit, backend)}
-    return set(contexts) <= have
+    have = {(r.ctx, r.cache_type) for r in records if (r.llama_cpp, r.backend) == (commit, backend)}
+    return {(c, t) for c in contexts for t in RECORDED_CACHE_TYPES} <= have
 
 
 def stage(out: Path, manifest: mf.Manifest, *, save: bool = True, status=lambda line: None) -> list[str]:
@@ -108,7 +114,8 @@ def _unchanged(path: Path, artifact: mf.Artifact) -> bool:
 
 
 def tiers(folder_or_file: Path, *, tiers_gib: list[float] | None = None, contexts: list[int] | None = None,
-          flash_attn: FlashAttn | str = FlashAttn.AUTO, headroom_mib: float | None = None) -> TierTable:
+          flash_attn: FlashAttn | str = FlashAttn.AUTO, headroom_mib: float | None = None,
+          cache_type: str = "f16") -> TierTable:
     """The tier table for every artifact of an output directory, or for one GGUF file, sized now."""
     target = Path(folder_or_file)
     folder = target if target.is_dir() else target.parent
@@ -123,8 +130,9 @@ def tiers(folder_or_file: Path, *, tiers_gib: list[float] | None = None, context
     for path, artifact in files:
         report = artifact.probe if artifact and artifact.probe and path.stat().st_size == artifact.size else probe(path)
         ctxs = contexts_for(report.context_length, contexts)
-        plans = {r.ctx: from_record(report, r, flash_attn=flash_attn) for r in record(path, report, ctxs)}
+        plans = {r.ctx: from_record(report, r, flash_attn=flash_attn)
+                 for r in record(path, report, ctxs, cache_types=(cache_type,))}
         smoke = manifest.smoke_result(artifact) if manifest and artifact else None
         entries.append((path.name, artifact.quant if artifact else path.stem, plans, smoke))
     room = headroom(manifest) if headroom_mib is None else (headroom_mib, "as given")
-    return build(entries, tiers_gib, room, FlashAttn(flash_attn))
+    return build(entries, tiers_gib, room, FlashAttn(flash_attn), cache_type)

@@ -69,7 +69,8 @@ def push(out: Path, repo_id: str, *, layout: str = "single", revision: str | Non
     token_check(dry_run)
     result = PushResult(dry_run, [])
     outcome: Outcome[PushResult] = Outcome(Stage.PUSH, result=result)
-    for f in (f for a in m.artifacts for f in a.upload_files()):  # every repo's, before the first commit
+    imatrix = m.imatrix_file()
+    for f in [f for a in m.artifacts for f in a.upload_files()] + ([imatrix] if imatrix else []):  # before any commit
         _check_bytes(out / f.path, f, dry_run)
     render = hint("moeprep", "card", out, "--repo-id", repo_id, *(["--layout", layout] if layout != "single" else []))
     for repo in repos(m, repo_id, layout):
@@ -82,6 +83,8 @@ def push(out: Path, repo_id: str, *, layout: str = "single", revision: str | Non
             wanted.append(Want(PLOT, local=out / PLOT))
         for a in repo.artifacts:
             wanted += [Want(f.path, f.sha256, local=out / f.path) for f in a.upload_files()]
+        if imatrix and any(a.settings.imatrix for a in repo.artifacts):  # published beside the files made with it
+            wanted.append(Want(imatrix.path, imatrix.sha256, local=out / imatrix.path))
         target = HubRepo(target_id, revision)
         todo, kept = plan_commit(wanted, target.files())
         pushed = RepoPush(target_id, target.url(), [
@@ -107,8 +110,9 @@ def _check_bytes(path: Path, f: UploadFile, dry_run: bool) -> None:
     size and time say, since what goes to the Hub is published under this sha256."""
     if dry_run:
         return
-    with progress.bar(f"sha256 {f.path}", f.size) as bar:
-        same = path.is_file() and not path.is_symlink() and matches(path, f.size, f.sha256, None, bar.update)
+    size = f.size if f.size >= 0 else (path.stat().st_size if path.is_file() else 0)  # not recorded: the sha256 decides
+    with progress.bar(f"sha256 {f.path}", size) as bar:
+        same = path.is_file() and not path.is_symlink() and matches(path, size, f.sha256, None, bar.update)
     if not same:
         raise IntegrityError(f"{path} is not the bytes the manifest lists (sha256 differs, or it is missing)",
                              "make it again (`moeprep convert`), or pull it again; nothing was pushed")

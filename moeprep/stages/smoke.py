@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from moeprep.llama.context import ContextParams, session
 from moeprep.llama.evaluate import chunking
 from moeprep.llama.log import LoadLog, parse_log
 from moeprep.llama.sizing import read_simulation, simulate_context
-from moeprep.placement import Placement
+from moeprep.placement import CPU_MOE, GPU, Placement
 from moeprep.quality import scoring as quality
 from moeprep.records import manifest as mf
 from moeprep.records.outcome import Outcome, Stage, Status, quiet
@@ -203,6 +203,8 @@ def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path 
     if not targets:
         return outcome
     first = probe(targets[0].path, n_values=[])
+    if settings.sweep:  # the offload curve of this model: which placements follows from its blocks
+        settings = replace(settings, placements=sweep(first.block_count))
     for name in settings.placements:  # N of n-cpu-moe=N is bounded by the model before any work
         placements_.parse(name, first.block_count)
     given = reference is not None
@@ -244,6 +246,20 @@ def run(target: Path, settings: SmokeSettings | None = None, *, reference: Path 
         mf.save(out, manifest)
     outcome.result = report
     return outcome
+
+
+SWEEP_POINTS = 8  # n-cpu-moe=N values measured for a model with more blocks, both ends included
+
+
+def sweep(block_count: int) -> list[Placement]:
+    """The offload curve's placements: everything on the GPU, the experts of the first N blocks on the CPU for every
+    N (a small model) or about eight N from 1 to every block, and --cpu-moe."""
+    if block_count <= SWEEP_POINTS:
+        ns = list(range(1, block_count + 1))
+    else:
+        step = (block_count - 1) / (SWEEP_POINTS - 1)
+        ns = sorted({round(1 + i * step) for i in range(SWEEP_POINTS)})
+    return [GPU, *(Placement(f"n-cpu-moe={n}") for n in ns), CPU_MOE]
 
 
 def check_bounds(settings: SmokeSettings, report, path: Path, *, quality: bool) -> None:
